@@ -1,0 +1,297 @@
+"""Typed configs: dataclasses that load from YAML, take `key.sub=value` overrides and
+refuse unknown keys (naming the closest valid one).
+
+`ModelConfig` uses the field names of Hugging Face's `StableLmConfig` so that reading
+and writing `config.json` is a near-identity map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message says what to change."""
+
+
+# ----------------------------------------------------------------------------- generic
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _closest(name: str, options) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else f" (valid keys: {', '.join(sorted(options))})"
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Turns YAML/CLI values into the annotated type, recursing into dataclasses."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        for arg in args:
+            try:
+                return _coerce(value, arg, where)
+            except (ConfigError, ValueError, TypeError):
+                continue
+        raise ConfigError(f"{where}: cannot read {value!r} as {typ}")
+    if dataclasses.is_dataclass(typ):
+        if dataclasses.is_dataclass(value):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for {typ.__name__}, got {value!r}")
+        return from_dict(typ, value, where)
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        (item_t, *_rest) = typing.get_args(typ) or (Any,)
+        items = [_coerce(v, item_t, f"{where}[]") for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if typ is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if typ is str:
+        return str(value)
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Builds dataclass `cls` from a nested dict, refusing unknown keys."""
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in (data or {}).items():
+        path = f"{where}.{key}" if where else key
+        if key not in types_:
+            raise ConfigError(f"unknown config key '{path}'{_closest(key, types_)}")
+        kwargs[key] = _coerce(value, types_[key], path)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{where or cls.__name__}: {e}") from None
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """Applies `a.b.c=value` strings; values are parsed as YAML scalars."""
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        dotted, raw = item.split("=", 1)
+        node, keys = data, dotted.split(".")
+        for i, key in enumerate(keys[:-1]):
+            if not isinstance(node, dict) or key not in node:
+                raise ConfigError(
+                    f"unknown config key '{'.'.join(keys[: i + 1])}'{_closest(key, node if isinstance(node, dict) else {})}")
+            if node[key] is None:
+                node[key] = {}
+            node = node[key]
+        if not isinstance(node, dict) or (keys[-1] not in node and node):
+            raise ConfigError(f"unknown config key '{dotted}'{_closest(keys[-1], node if isinstance(node, dict) else {})}")
+        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
+    return from_dict(type(cfg), data)
+
+
+def load_yaml(cls, path: str | None, overrides: list[str] = ()):
+    data: dict = {}
+    if path:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file '{path}' does not exist")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    cfg = from_dict(cls, data)
+    return apply_overrides(cfg, list(overrides)) if overrides else cfg
+
+
+def dump_yaml(cfg, path: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The StableLM / Stable Code architecture, HF `StableLmConfig` field names."""
+
+    vocab_size: int = 50304
+    hidden_size: int = 2560
+    intermediate_size: int = 6912
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    partial_rotary_factor: float = 0.25
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    layer_norm_eps: float = 1e-5
+    use_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    use_parallel_residual: bool = False
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 0
+    # Ours (not in HF): numerics and execution.
+    dtype: str = "float32"  # compute dtype: bfloat16 on accelerators
+    param_dtype: str = "float32"  # master weights
+    attention: str = "auto"  # reference | cudnn | auto (cudnn on GPU, reference elsewhere)
+    remat: str = "none"  # none | full | dots | dots_no_batch
+    scan_layers: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def validate(self) -> "ModelConfig":
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads {self.num_key_value_heads}")
+        if self.rotary_dim % 2:
+            raise ConfigError(f"rotary dims per head ({self.rotary_dim}) must be even: change partial_rotary_factor")
+        if self.remat not in REMAT_POLICIES:
+            raise ConfigError(f"model.remat '{self.remat}' unknown{_closest(self.remat, REMAT_POLICIES)}")
+        if self.attention not in ("reference", "cudnn", "auto"):
+            raise ConfigError(f"model.attention '{self.attention}' must be reference, cudnn or auto")
+        return self
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        e, m, h, kv, d, L = (self.hidden_size, self.intermediate_size, self.num_attention_heads,
+                             self.num_key_value_heads, self.head_dim, self.num_hidden_layers)
+        attn = e * h * d * 2 + e * kv * d * 2 + (self.use_qkv_bias and (h + 2 * kv) * d or 0)
+        attn += self.qk_layernorm and (h + kv) * d or 0
+        norms = 2 * e * (1 if self.use_parallel_residual else 2)
+        layer = attn + 3 * e * m + norms
+        total = L * layer + 2 * e
+        if include_embeddings:
+            total += self.vocab_size * e * (1 if self.tie_word_embeddings else 2)
+        return total
+
+    # --- Hugging Face config.json ------------------------------------------------------
+
+    def to_hf_dict(self) -> dict:
+        return {
+            "architectures": ["StableLmForCausalLM"],
+            "model_type": "stablelm",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "partial_rotary_factor": self.partial_rotary_factor,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "layer_norm_eps": self.layer_norm_eps,
+            "use_qkv_bias": self.use_qkv_bias,
+            "qk_layernorm": self.qk_layernorm,
+            "use_parallel_residual": self.use_parallel_residual,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "initializer_range": self.initializer_range,
+            "attention_dropout": 0.0,
+            "hidden_dropout": 0.0,
+            "use_cache": True,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "torch_dtype": "bfloat16" if self.param_dtype == "bfloat16" else "float32",
+        }
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, **ours) -> "ModelConfig":
+        hf = dict(hf)
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"hidden_act '{act}' is not supported (StableLM uses silu)")
+        # Older StableLM configs: rope_pct, use_qkv_bias absent, norm_eps.
+        if "rope_pct" in hf and "partial_rotary_factor" not in hf:
+            hf["partial_rotary_factor"] = hf["rope_pct"]
+        if "norm_eps" in hf and "layer_norm_eps" not in hf:
+            hf["layer_norm_eps"] = hf["norm_eps"]
+        # Newer transformers: a rope_parameters block (rope_type, rope_theta, partial_rotary_factor).
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if isinstance(rope, dict):
+            if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+                raise ConfigError(f"rope type '{rope.get('rope_type', rope.get('type'))}' is not supported (only default RoPE)")
+            for key in ("rope_theta", "partial_rotary_factor"):
+                if key in rope:
+                    hf.setdefault(key, rope[key])
+        if hf.get("num_key_value_heads") is None:
+            hf["num_key_value_heads"] = hf.get("num_attention_heads", cls.num_attention_heads)
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in hf.items() if k in names}
+        kwargs.update(ours)
+        return from_dict(cls, kwargs).validate()
+
+    @classmethod
+    def from_hf_json(cls, path: str, **ours) -> "ModelConfig":
+        with open(path) as f:
+            return cls.from_hf_dict(json.load(f), **ours)
+
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+
+MODEL_PRESETS: dict[str, dict] = {
+    "stable-code-3b": dict(rope_theta=1_000_000.0, max_position_embeddings=16384),
+    "stablelm-3b-4e1t": dict(rope_theta=10_000.0, max_position_embeddings=4096),
+    "stablelm-2-1_6b": dict(vocab_size=100352, hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                            num_attention_heads=32, num_key_value_heads=32, rope_theta=10_000.0,
+                            max_position_embeddings=4096, use_qkv_bias=True),
+    # Small enough for CPU tests; GQA and an odd head_dim exercise the general paths.
+    "tiny": dict(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256, rope_theta=10_000.0),
+}
+
+
+def model_preset(name: str, **overrides) -> ModelConfig:
+    if name not in MODEL_PRESETS:
+        raise ConfigError(f"unknown model preset '{name}'{_closest(name, MODEL_PRESETS)}")
+    return from_dict(ModelConfig, {**MODEL_PRESETS[name], **overrides}).validate()
