@@ -31,7 +31,8 @@ CHECKPOINTS = "checkpoints"
 def manager(directory: str, *, save_every: int = 1, keep: int | None = None, keep_period: int | None = None,
             async_save: bool = True, read_only: bool = False) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        save_interval_steps=save_every, max_to_keep=keep, keep_period=keep_period,
+        # Save on multiples of save_every only (orbax would also save the first step it sees).
+        should_save_fn=lambda step, _last: step % save_every == 0, max_to_keep=keep, keep_period=keep_period,
         enable_async_checkpointing=async_save, read_only=read_only, create=not read_only)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
@@ -120,3 +121,38 @@ def save_params(out_dir: str, params: Any, model_cfg: ModelConfig, step: int = 0
 def to_numpy(tree):
     """Gathers a (possibly sharded) tree onto the host as numpy arrays."""
     return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+# ----------------------------------------------------------------------------- training state
+
+
+def save_train_state(mngr: ocp.CheckpointManager, step: int, state: dict, model_cfg: ModelConfig, meta: dict,
+                     force: bool = False) -> bool:
+    """Queues an (async) save of {params, opt_state} plus the model config and `meta`
+    (resolved run config, data iterator state). Returns whether a save was started."""
+    return mngr.save(step, force=force, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]),
+        opt_state=ocp.args.StandardSave(state["opt_state"]),
+        model=ocp.args.JsonSave(dataclasses.asdict(model_cfg)),
+        meta=ocp.args.JsonSave({"step": int(step), **meta})))
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, abstract_state: dict, log=print) -> tuple[dict, dict] | None:
+    """Restores the newest checkpoint that reads back whole onto `abstract_state`'s
+    shardings (any mesh). A corrupt or incomplete newest step is reported and the one
+    before it is tried. Returns (state, meta) or None when there is nothing to resume."""
+    for step in reversed(valid_steps(str(mngr.directory))):
+        try:
+            restored = mngr.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_state["params"]),
+                opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
+                meta=ocp.args.JsonRestore()))
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            log(f"warning: checkpoint step {step} in {mngr.directory} could not be restored "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); falling back to the previous one")
+            continue
+        meta = restored["meta"]
+        state = {"step": jax.device_put(np.asarray(meta["step"], np.int32), abstract_state["step"].sharding),
+                 "params": restored["params"], "opt_state": restored["opt_state"]}
+        return state, meta
+    return None

@@ -94,6 +94,8 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
 def from_dict(cls, data: dict, where: str = ""):
     """Builds dataclass `cls` from a nested dict, refusing unknown keys."""
     types_ = _field_types(cls)
+    if hasattr(cls, "expand_dict"):
+        data = cls.expand_dict(dict(data or {}))
     kwargs = {}
     for key, value in (data or {}).items():
         path = f"{where}.{key}" if where else key
@@ -110,25 +112,37 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def apply_overrides(cfg, overrides: list[str]):
-    """Applies `a.b.c=value` strings; values are parsed as YAML scalars."""
-    data = to_dict(cfg)
+def _dataclass_of(typ):
+    """The dataclass inside an annotation such as `Foo` or `Foo | None`, else None."""
+    if dataclasses.is_dataclass(typ):
+        return typ
+    for arg in typing.get_args(typ):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    return None
+
+
+def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
+    """Applies `a.b.c=value` strings to a raw config dict, checking every key against
+    the dataclass `cls`; values are parsed as YAML scalars."""
+    data = dict(data)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
         dotted, raw = item.split("=", 1)
-        node, keys = data, dotted.split(".")
-        for i, key in enumerate(keys[:-1]):
-            if not isinstance(node, dict) or key not in node:
-                raise ConfigError(
-                    f"unknown config key '{'.'.join(keys[: i + 1])}'{_closest(key, node if isinstance(node, dict) else {})}")
-            if node[key] is None:
-                node[key] = {}
-            node = node[key]
-        if not isinstance(node, dict) or (keys[-1] not in node and node):
-            raise ConfigError(f"unknown config key '{dotted}'{_closest(keys[-1], node if isinstance(node, dict) else {})}")
-        node[keys[-1]] = yaml.safe_load(raw) if raw != "" else ""
-    return from_dict(type(cfg), data)
+        node, node_cls, keys = data, cls, dotted.split(".")
+        for i, key in enumerate(keys):
+            fields = _field_types(node_cls) if node_cls else {}
+            if node_cls is not None and key not in fields:
+                raise ConfigError(f"unknown config key '{'.'.join(keys[: i + 1])}'{_closest(key, fields)}")
+            if i == len(keys) - 1:
+                node[key] = yaml.safe_load(raw) if raw != "" else ""
+                break
+            child = node.get(key)
+            child = dict(dataclasses.asdict(child) if dataclasses.is_dataclass(child) else (child or {}))
+            node[key] = child
+            node, node_cls = child, _dataclass_of(fields[key]) if node_cls else None
+    return data
 
 
 def load_yaml(cls, path: str | None, overrides: list[str] = ()):
@@ -137,11 +151,13 @@ def load_yaml(cls, path: str | None, overrides: list[str] = ()):
         if not os.path.exists(path):
             raise ConfigError(f"config file '{path}' does not exist")
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
-    cfg = from_dict(cls, data)
-    return apply_overrides(cfg, list(overrides)) if overrides else cfg
+    return from_dict(cls, apply_overrides(data, list(overrides), cls))
 
 
 def dump_yaml(cfg, path: str) -> None:
@@ -181,6 +197,16 @@ class ModelConfig:
     attention: str = "auto"  # reference | cudnn | auto (cudnn on GPU, reference elsewhere)
     remat: str = "none"  # none | full | dots | dots_no_batch
     scan_layers: bool = True
+    preset: str | None = None  # a MODEL_PRESETS name; the other keys override it
+
+    @staticmethod
+    def expand_dict(data: dict) -> dict:
+        preset = data.get("preset")
+        if preset:
+            if preset not in MODEL_PRESETS:
+                raise ConfigError(f"unknown model preset '{preset}'{_closest(preset, MODEL_PRESETS)}")
+            data = {**MODEL_PRESETS[preset], **data}
+        return data
 
     @property
     def head_dim(self) -> int:
@@ -294,4 +320,4 @@ MODEL_PRESETS: dict[str, dict] = {
 def model_preset(name: str, **overrides) -> ModelConfig:
     if name not in MODEL_PRESETS:
         raise ConfigError(f"unknown model preset '{name}'{_closest(name, MODEL_PRESETS)}")
-    return from_dict(ModelConfig, {**MODEL_PRESETS[name], **overrides}).validate()
+    return from_dict(ModelConfig, {"preset": name, **overrides}).validate()

@@ -57,6 +57,7 @@ class MeshConfig:
     tensor: int = 1
     dcn_data: int = 1  # degrees across slices/nodes (hybrid mesh); their product = number of slices
     dcn_fsdp: int = 1
+    num_devices: int = -1  # use only the first N devices (-1: all), e.g. to compare layouts on one host
     rules: dict[str, Any] = dataclasses.field(default_factory=dict)  # overrides of DEFAULT_RULES
 
     def degrees(self) -> dict[str, int]:
@@ -86,6 +87,10 @@ def resolve_degrees(degrees: dict[str, int], num_devices: int) -> dict[str, int]
 
 def build_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
+    if cfg.num_devices != -1:
+        if not 0 < cfg.num_devices <= len(devices):
+            raise ConfigError(f"mesh.num_devices {cfg.num_devices} is not between 1 and the {len(devices)} devices")
+        devices = devices[: cfg.num_devices]
     dcn = cfg.dcn_degrees()
     num_slices = math.prod(dcn.values())
     if len(devices) % num_slices:

@@ -1,0 +1,131 @@
+"""The training step: `(state, batch) -> (state, metrics)`, plus analytic FLOPs.
+
+The state is a plain pytree {step, params, opt_state} so it can be sharded, donated
+and checkpointed as is. Gradient accumulation runs the micro-batches in a `scan`
+inside the one jitted step, summing the un-normalised loss and dividing once by
+the number of target tokens of the whole batch, so the update is the same for any
+micro-batch count.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from sc_jax.config import ModelConfig
+from sc_jax.sharding import constrain
+
+Batch = dict[str, jax.Array]  # each [batch, seq]: input_ids, targets, segment_ids, positions, loss_mask
+
+
+def token_losses(logits, targets, z_loss: float = 0.0):
+    """logits [B,T,V] fp32, targets [B,T] -> per-token cross-entropy [B,T] (+ z-loss)."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    loss = logz - target_logit
+    if z_loss:
+        loss = loss + z_loss * jnp.square(logz)
+    return loss
+
+
+def forward(graphdef, params, batch: Batch):
+    model = nnx.merge(graphdef, params)
+    return model(batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"))
+
+
+def loss_sums(graphdef, params, batch: Batch, z_loss: float = 0.0):
+    """(sum of masked token losses, number of loss tokens) for one micro-batch."""
+    logits = forward(graphdef, params, batch)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return (token_losses(logits, batch["targets"], z_loss) * mask).sum(), mask.sum()
+
+
+def split_micro(batch: Batch, micro: int) -> Batch:
+    """[B,T] -> [micro, B/micro, T], micro-batch m = rows m, m+micro, ... so each device's
+    contiguous share of the batch splits evenly over the micro-batches."""
+    def split(x):
+        b = x.shape[0] // micro
+        x = x.reshape(b, micro, *x.shape[1:]).swapaxes(0, 1)
+        return constrain(x, (None, "act_batch", "act_seq"))
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, micro_batches: int = 1,
+                    z_loss: float = 0.0, loss_fn: Callable | None = None) -> Callable:
+    """Builds `step(state, batch) -> (state, metrics)`.
+
+    `loss_fn(graphdef, params, micro_batch) -> (loss_sum, token_count, aux dict of sums)`
+    defaults to next-token cross-entropy; SFT uses the same, DPO passes its own.
+    A non-finite loss or gradient leaves params and optimizer state untouched (the
+    host then stops or skips, as configured) so a NaN never reaches the weights.
+    """
+    if loss_fn is None:
+        def loss_fn(graphdef, params, mb):
+            total, count = loss_sums(graphdef, params, mb, z_loss)
+            return total, count, {}
+
+    def micro_grads(params, mb):
+        def f(p):
+            total, count, aux = loss_fn(graphdef, p, mb)
+            return total, (count, aux)
+
+        (total, (count, aux)), grads = jax.value_and_grad(f, has_aux=True)(params)
+        return total, count, aux, grads
+
+    def step(state: dict[str, Any], batch: Batch):
+        params = state["params"]
+        if micro_batches == 1:
+            total, count, aux, grads = micro_grads(params, batch)
+        else:
+            def body(carry, mb):
+                total, count, aux, grads = micro_grads(params, mb)
+                return jax.tree.map(jnp.add, carry, (total, count, aux, grads)), None
+
+            shapes = jax.eval_shape(micro_grads, params, jax.tree.map(lambda x: x[0], split_micro(batch, micro_batches)))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+            (total, count, aux, grads), _ = jax.lax.scan(body, zeros, split_micro(batch, micro_batches))
+        denom = jnp.maximum(count, 1.0)
+        loss = total / denom
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
+                     "opt_state": keep(new_opt_state, state["opt_state"])}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "tokens": count,
+                   "finite": finite, **{k: v / denom for k, v in aux.items()}}
+        return new_state, metrics
+
+    return step
+
+
+# ----------------------------------------------------------------------------- FLOPs / MFU
+
+# Dense bf16 peak FLOP/s per device (not the sparsity numbers).
+PEAK_FLOPS = {
+    "h100": 989e12, "h200": 989e12, "a100": 312e12, "v4": 275e12, "v5e": 197e12, "v5 lite": 197e12,
+    "v5p": 459e12, "v6e": 918e12, "v6 lite": 918e12, "cpu": 0.0,
+}
+
+
+def peak_flops(device_kind: str) -> float:
+    kind = device_kind.lower()
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):  # longest key first: "v5 lite" before "v5"
+        if key in kind:
+            return PEAK_FLOPS[key]
+    return 0.0
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (non-embedding params + unembedding) + causal attention
+    (12 x layers x hidden x seq, halved for the causal mask)."""
+    dense = cfg.num_params(include_embeddings=False) + cfg.vocab_size * cfg.hidden_size
+    attention = 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len / 2
+    return 6 * dense + attention
