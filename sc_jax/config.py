@@ -122,6 +122,15 @@ def _dataclass_of(typ):
     return None
 
 
+def _default_value(cls, name: str):
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            return None if f.default is dataclasses.MISSING else f.default
+    return None
+
+
 def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
     """Applies `a.b.c=value` strings to a raw config dict, checking every key against
     the dataclass `cls`; values are parsed as YAML scalars."""
@@ -139,6 +148,8 @@ def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
                 node[key] = yaml.safe_load(raw) if raw != "" else ""
                 break
             child = node.get(key)
+            if child is None and node_cls is not None:  # a section the file leaves out: start from its default
+                child = _default_value(node_cls, key)
             child = dict(dataclasses.asdict(child) if dataclasses.is_dataclass(child) else (child or {}))
             node[key] = child
             node, node_cls = child, _dataclass_of(fields[key]) if node_cls else None

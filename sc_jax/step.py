@@ -59,34 +59,36 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, mic
                     z_loss: float = 0.0, loss_fn: Callable | None = None) -> Callable:
     """Builds `step(state, batch) -> (state, metrics)`.
 
-    `loss_fn(graphdef, params, micro_batch) -> (loss_sum, token_count, aux dict of sums)`
-    defaults to next-token cross-entropy; SFT uses the same, DPO passes its own.
+    `loss_fn(graphdef, params, micro_batch, ref_params) -> (loss_sum, count, aux dict of sums)`
+    defaults to next-token cross-entropy; SFT uses the same, DPO passes its own and
+    keeps a frozen reference model in `state["ref_params"]` (passed through untouched).
     A non-finite loss or gradient leaves params and optimizer state untouched (the
     host then stops or skips, as configured) so a NaN never reaches the weights.
     """
     if loss_fn is None:
-        def loss_fn(graphdef, params, mb):
+        def loss_fn(graphdef, params, mb, ref_params):
             total, count = loss_sums(graphdef, params, mb, z_loss)
             return total, count, {}
 
-    def micro_grads(params, mb):
+    def micro_grads(params, mb, ref_params):
         def f(p):
-            total, count, aux = loss_fn(graphdef, p, mb)
+            total, count, aux = loss_fn(graphdef, p, mb, ref_params)
             return total, (count, aux)
 
         (total, (count, aux)), grads = jax.value_and_grad(f, has_aux=True)(params)
         return total, count, aux, grads
 
     def step(state: dict[str, Any], batch: Batch):
-        params = state["params"]
+        params, ref = state["params"], state.get("ref_params")
         if micro_batches == 1:
-            total, count, aux, grads = micro_grads(params, batch)
+            total, count, aux, grads = micro_grads(params, batch, ref)
         else:
             def body(carry, mb):
-                total, count, aux, grads = micro_grads(params, mb)
+                total, count, aux, grads = micro_grads(params, mb, ref)
                 return jax.tree.map(jnp.add, carry, (total, count, aux, grads)), None
 
-            shapes = jax.eval_shape(micro_grads, params, jax.tree.map(lambda x: x[0], split_micro(batch, micro_batches)))
+            shapes = jax.eval_shape(micro_grads, params, jax.tree.map(lambda x: x[0], split_micro(batch, micro_batches)),
+                                    ref)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
             (total, count, aux, grads), _ = jax.lax.scan(body, zeros, split_micro(batch, micro_batches))
         denom = jnp.maximum(count, 1.0)
@@ -99,6 +101,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule, *, mic
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         new_state = {"step": state["step"] + 1, "params": keep(new_params, params),
                      "opt_state": keep(new_opt_state, state["opt_state"])}
+        if ref is not None:
+            new_state["ref_params"] = ref
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]), "tokens": count,
                    "finite": finite, **{k: v / denom for k, v in aux.items()}}
         return new_state, metrics

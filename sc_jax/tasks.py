@@ -20,9 +20,11 @@ def make_iterator(cfg, *, seq_len: int, batch_size: int, process_index: int, pro
     if task == "pretrain":
         from sc_jax.data import make_eval_iterator, make_train_iterator
 
-        make = make_eval_iterator if eval_ else make_train_iterator
-        return make(cfg.data, seq_len=seq_len, batch_size=batch_size, seed=cfg.train.seed,
-                    process_index=process_index, process_count=process_count)
+        common = dict(seq_len=seq_len, batch_size=batch_size, seed=cfg.train.seed, process_index=process_index,
+                      process_count=process_count)
+        if eval_:  # every host yields exactly eval_batches batches, so the collectives line up
+            return make_eval_iterator(cfg.data, max_batches=cfg.train.eval_batches, **common)
+        return make_train_iterator(cfg.data, **common)
     from sc_jax import instruct
 
     return instruct.make_iterator(cfg, seq_len=seq_len, batch_size=batch_size, process_index=process_index,
@@ -30,7 +32,8 @@ def make_iterator(cfg, *, seq_len: int, batch_size: int, process_index: int, pro
 
 
 def loss_fn(cfg):
-    """None (the default cross-entropy) or the task's `(graphdef, params, mb, ref) -> (sum, count, aux)`."""
+    """None (the default cross-entropy) or the task's
+    `(graphdef, params, micro_batch, ref_params) -> (loss_sum, count, aux dict of sums)`."""
     if cfg.train.task == "dpo":
         from sc_jax import instruct
 
@@ -39,13 +42,13 @@ def loss_fn(cfg):
 
 
 def eval_fn(cfg, graphdef):
-    """`(params, batch) -> (loss_sum, token_count)` for held-out loss."""
+    """`(params, batch, ref_params) -> (loss_sum, count)` for held-out loss."""
     if cfg.train.task == "dpo":
         from sc_jax import instruct
 
-        return instruct.dpo_eval_fn(graphdef)
+        return instruct.dpo_eval_fn(graphdef, cfg.train.dpo_beta)
 
-    def f(params, batch):
+    def f(params, batch, ref_params=None):
         total, count = loss_sums(graphdef, params, batch)
         return total, count
 

@@ -45,6 +45,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate only at the end when eval_batches > 0
     eval_batches: int = 0
     init_from: str | None = None  # HF directory or orbax checkpoint: parameters only, fresh optimizer
+    stop_after_steps: int | None = None  # end this invocation (with a checkpoint) after N steps; rerun to go on
     dpo_beta: float = 0.1
 
 
@@ -274,6 +275,11 @@ def setup(cfg: Config, *, abstract_only: bool = False):
 
     mesh = sharding.build_mesh(cfg.mesh)
     rules = sharding.rules_for(cfg.mesh)
+    batch_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    per_micro = cfg.train.global_batch_size // cfg.train.micro_batches
+    if per_micro % batch_ways:
+        raise ConfigError(f"a micro-batch of {per_micro} sequences (train.global_batch_size / train.micro_batches) "
+                          f"cannot be split over data x fsdp = {batch_ways} devices: make it a multiple of {batch_ways}")
     graphdef, abs_state = nnx.split(M.abstract_model(cfg.model))
     abs_params = abs_state.to_pure_dict()
     axes = M.logical_axes(abs_state).to_pure_dict()
@@ -284,6 +290,8 @@ def setup(cfg: Config, *, abstract_only: bool = False):
     opt_sh = _opt_shardings(tx, abs_opt, param_sh, repl)
     state_sh = {"step": repl, "params": param_sh, "opt_state": opt_sh}
     abs_train_state = {"step": jax.ShapeDtypeStruct((), np.int32), "params": abs_params, "opt_state": abs_opt}
+    if cfg.train.task == "dpo":  # the frozen reference model, sharded like the policy
+        state_sh["ref_params"], abs_train_state["ref_params"] = param_sh, abs_params
     batch_sh = sharding.batch_sharding(mesh)
     loss_fn = tasks.loss_fn(cfg)
     step = make_train_step(graphdef, tx, schedule, micro_batches=cfg.train.micro_batches, z_loss=cfg.train.z_loss,
@@ -321,7 +329,18 @@ def init_state(cfg: Config, s, log) -> dict:
         params = jax.jit(init, out_shardings=s.param_sh)()
     opt_state = jax.jit(s.tx.init, out_shardings=s.state_sh["opt_state"])(params)
     step = jax.device_put(np.asarray(0, np.int32), s.state_sh["step"])
-    return {"step": step, "params": params, "opt_state": opt_state}
+    state = {"step": step, "params": params, "opt_state": opt_state}
+    if cfg.train.task == "dpo":
+        state["ref_params"] = reference_params(cfg, s, log)
+    return state
+
+
+def reference_params(cfg: Config, s, log):
+    """DPO's frozen reference: the `train.init_from` model, loaded as its own buffers
+    (the policy's are donated every step). Never checkpointed: reloaded on resume."""
+    if not cfg.train.init_from:
+        raise ConfigError("train.task=dpo needs train.init_from (the SFT model, which is also the reference)")
+    return load_init_params(cfg, s, log)
 
 
 def load_init_params(cfg: Config, s, log):
@@ -390,11 +409,14 @@ def run(cfg: Config, *, on_step=None) -> dict:
                               async_save=cfg.checkpoint.async_save) if cfg.checkpoint.enabled else None
     log_fn = print if is_main else (lambda *_: None)
     data = make_data(cfg, cfg.model.vocab_size, pi, pc, tokenizer)
-    restored = checkpoint.restore_train_state(mngr, checkpoint.abstract_like(s.abs_state, s.state_sh), log_fn) \
-        if mngr else None
+    trained = {k: v for k, v in s.abs_state.items() if k != "ref_params"}
+    restored = checkpoint.restore_train_state(
+        mngr, checkpoint.abstract_like(trained, {k: s.state_sh[k] for k in trained}), log_fn) if mngr else None
     if restored:
         state, meta = restored
         data.set_state(meta["data_state"])
+        if cfg.train.task == "dpo":
+            state["ref_params"] = reference_params(cfg, s, log_fn)
         log_fn(f"resumed from step {meta['step']} in {run_dir}")
     else:
         state = init_state(cfg, s, log_fn)
@@ -465,8 +487,12 @@ def run(cfg: Config, *, on_step=None) -> dict:
                 pending = None
                 summary["eval_loss"] = run_eval()
                 log.write({"step": step_no, "eval_loss": summary["eval_loss"]})
+            _fault_injection_pause(step_no, preempt)
             if _preempted(preempt, step_no, pc):
                 stopped_by = preempt.signal or "preemption"
+                break
+            if t.stop_after_steps and step_no - start >= t.stop_after_steps and step_no < t.steps:
+                stopped_by = "train.stop_after_steps"
                 break
         if pending:
             fetch(pending)
@@ -487,6 +513,15 @@ def run(cfg: Config, *, on_step=None) -> dict:
     return summary
 
 
+def _fault_injection_pause(step: int, preempt: _Preemption) -> None:
+    """Tests of crash recovery set SC_JAX_PAUSE_AT_STEP=N: the run waits after step N
+    until a signal arrives, or until it is killed."""
+    if os.environ.get("SC_JAX_PAUSE_AT_STEP") == str(step):
+        print(f"paused at step {step}", flush=True)
+        while preempt.signal is None:
+            time.sleep(0.05)
+
+
 def _preempted(preempt: _Preemption, step: int, process_count: int) -> bool:
     if process_count > 1:  # all processes must agree to save together
         from jax.experimental import multihost_utils
@@ -505,14 +540,15 @@ def evaluate(cfg: Config, s, state, data, to_global) -> float:
 
     from sc_jax import tasks
 
-    eval_fn = jax.jit(tasks.eval_fn(cfg, s.graphdef), in_shardings=(s.state_sh["params"], s.batch_sh))
+    eval_fn = jax.jit(tasks.eval_fn(cfg, s.graphdef),
+                      in_shardings=(s.state_sh["params"], s.batch_sh, s.state_sh.get("ref_params")))
     total = count = 0.0
     for _ in range(cfg.train.eval_batches):
         try:
             batch = next(data)
         except StopIteration:
             break
-        loss_sum, n = jax.device_get(eval_fn(state["params"], to_global(batch)))
+        loss_sum, n = jax.device_get(eval_fn(state["params"], to_global(batch), state.get("ref_params")))
         total, count = total + float(loss_sum), count + float(n)
     return total / max(count, 1.0)
 

@@ -142,3 +142,8 @@ def test_two_processes_on_loopback_match_one(tmp_path, single_device):
     np.testing.assert_allclose(got, single_device, rtol=2e-5)
     assert "2 process(es)" in outs[0]
     assert sorted(os.listdir(tmp_path / "mh" / "checkpoints")) == ["2", "4"]
+
+
+def test_override_of_an_absent_section_starts_from_its_default():
+    cfg = load_config(None, ["model.vocab_size=512"])
+    assert cfg.model.hidden_size == 64 and cfg.model.vocab_size == 512  # the tiny default, not 3B sizes
