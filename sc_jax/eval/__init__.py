@@ -1,0 +1,41 @@
+"""Evaluation harness: sandboxed execution, HumanEval / MultiPL-E, fill-in-the-middle, pass@k.
+
+Run ``python -m sc_jax.eval --help``. Library entry points:
+
+* :func:`run_program`, :func:`run_many`, :func:`register_executor` (``execution``)
+* :func:`pass_at_k`, :func:`aggregate_pass_at_k` (``passk``)
+* :func:`load_humaneval`, :func:`load_multipl_e`, :func:`evaluate` (``humaneval``)
+* :func:`build_fim_tasks`, :func:`evaluate_fim` (``fim``)
+"""
+
+from sc_jax.eval.execution import (
+    EvalError,
+    ExecResult,
+    Executor,
+    Program,
+    SandboxConfig,
+    UnknownLanguageError,
+    get_executor,
+    register_executor,
+    run_many,
+    run_program,
+    sandbox_capabilities,
+)
+from sc_jax.eval.fim import FimTask, build_fim_tasks, evaluate_fim
+from sc_jax.eval.humaneval import (
+    DataError,
+    EvalReport,
+    Problem,
+    evaluate,
+    load_humaneval,
+    load_multipl_e,
+    truncate_at_stop,
+)
+from sc_jax.eval.passk import aggregate_pass_at_k, estimate_pass_at_k, pass_at_k
+
+__all__ = [
+    "DataError", "EvalError", "EvalReport", "ExecResult", "Executor", "FimTask", "Problem", "Program",
+    "SandboxConfig", "UnknownLanguageError", "aggregate_pass_at_k", "build_fim_tasks", "estimate_pass_at_k",
+    "evaluate", "evaluate_fim", "get_executor", "load_humaneval", "load_multipl_e", "pass_at_k",
+    "register_executor", "run_many", "run_program", "sandbox_capabilities", "truncate_at_stop",
+]

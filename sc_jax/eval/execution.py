@@ -1,0 +1,760 @@
+"""Run untrusted programs (model completions) in a sandbox and report what happened.
+
+One program = one temporary directory + one launcher process (``_launcher.py``) in its
+own session/process group. On Linux as root the program runs
+
+* in a new network namespace (no interfaces up: not even 127.0.0.1 answers),
+* in a new mount namespace where ``/tmp``, ``/var/tmp``, ``/dev/shm``... are read-only and
+  only its own directory is writable,
+* in a new pid namespace (it is pid 1 there: when it ends, everything it started dies),
+* as a fresh unprivileged uid/gid (one per run, so RLIMIT_NPROC counts only its own
+  processes and it cannot signal other sandboxes),
+* under rlimits: address space (or data segment for node), processes, file size,
+  open files, core dumps off, CPU seconds as a backstop,
+* with a wall-clock timeout after which the whole tree is SIGKILLed.
+
+Whatever is unavailable (not root, no namespaces) is skipped and reported in
+``ExecResult.isolation`` / :func:`sandbox_capabilities`, never fatal.
+
+Executors are pluggable::
+
+    register_executor(Executor("ruby", ".rb", ("ruby", "{file}")))
+
+Placeholders in ``command``: ``{file}`` (absolute program path), ``{dir}`` (work
+directory), ``{memory_mb}`` (the memory limit in MiB).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import os
+import selectors
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any
+
+LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_launcher.py")
+
+PASSED, FAILED, TIMEOUT, ERROR = "passed", "failed", "timeout", "error"
+STATUSES = (PASSED, FAILED, TIMEOUT, ERROR)
+
+#: directories every user may write to on a usual Linux box; read-only inside the sandbox
+WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/dev/mqueue")
+
+
+class EvalError(Exception):
+    """A problem the user can fix (bad input, missing tool); the CLI prints it on one line."""
+
+
+class UnknownLanguageError(EvalError, KeyError):
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ExecutorUnavailableError(EvalError):
+    pass
+
+
+# ----------------------------------------------------------------------------- executors
+
+
+@dataclasses.dataclass(frozen=True)
+class Executor:
+    """How to run a program of one language.
+
+    Attributes:
+        language: canonical name (``python``, ``javascript``...).
+        suffix: file suffix of the program file (``.py``).
+        command: argv with placeholders ``{file}``, ``{dir}``, ``{memory_mb}``; the first
+            element is looked up on PATH when not absolute.
+        memory_rlimit: which rlimit carries the memory limit: ``"AS"`` (address space),
+            ``"DATA"`` (data segment: for runtimes that reserve huge virtual ranges, e.g.
+            V8) or ``"none"``.
+        aliases: other names (MultiPL-E uses ``py``, ``js``...).
+        env: extra environment variables.
+        expose: host paths the program needs to read although they sit behind a
+            directory the sandbox user cannot traverse (made visible read-only).
+        filename: fixed file name (e.g. ``Main.java``) instead of ``program{suffix}``.
+    """
+
+    language: str
+    suffix: str
+    command: tuple[str, ...]
+    memory_rlimit: str = "AS"
+    aliases: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    expose: tuple[str, ...] = ()
+    filename: str | None = None
+
+    def __post_init__(self):
+        if self.memory_rlimit not in ("AS", "DATA", "none"):
+            raise ValueError(f"memory_rlimit must be AS, DATA or none, not {self.memory_rlimit!r}")
+        if not self.command:
+            raise ValueError("command must not be empty")
+
+    def program_name(self) -> str:
+        return self.filename or f"program{self.suffix}"
+
+    def resolve(self) -> str:
+        """Absolute path of the command's executable; raises ExecutorUnavailableError."""
+        exe = self.command[0]
+        found = exe if os.path.isabs(exe) and os.access(exe, os.X_OK) else shutil.which(exe)
+        if not found:
+            raise ExecutorUnavailableError(
+                f"{self.language}: executable {exe!r} not found (needed to run {self.language} programs)"
+            )
+        return found
+
+    def available(self) -> bool:
+        try:
+            self.resolve()
+            return True
+        except ExecutorUnavailableError:
+            return False
+
+    def argv(self, file: str, workdir: str, memory_mb: int) -> list[str]:
+        subst = {"file": file, "dir": workdir, "memory_mb": str(memory_mb)}
+        argv = [part.format(**subst) for part in self.command]
+        argv[0] = self.resolve()
+        return argv
+
+
+_REGISTRY: dict[str, Executor] = {}
+_ALIASES: dict[str, str] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def register_executor(executor: Executor, *, replace: bool = False) -> Executor:
+    """Adds a language. Names and aliases are case-insensitive."""
+    with _REGISTRY_LOCK:
+        names = [executor.language, *executor.aliases]
+        for name in names:
+            key = name.lower()
+            owner = _ALIASES.get(key)
+            if owner is not None and owner != executor.language and not replace:
+                raise ValueError(f"language name {name!r} is already used by {owner!r}")
+        if executor.language in _REGISTRY and not replace:
+            raise ValueError(f"executor {executor.language!r} already registered (pass replace=True)")
+        _REGISTRY[executor.language] = executor
+        for name in names:
+            _ALIASES[name.lower()] = executor.language
+    return executor
+
+
+def get_executor(language: str) -> Executor:
+    key = _ALIASES.get(str(language).lower())
+    if key is None:
+        raise UnknownLanguageError(
+            f"unknown language {language!r} (known: {', '.join(sorted(_ALIASES))})"
+        )
+    return _REGISTRY[key]
+
+
+def available_languages() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+register_executor(
+    Executor(
+        "python",
+        ".py",
+        (sys.executable, "-I", "{file}"),
+        memory_rlimit="AS",
+        aliases=("py", "python3"),
+        expose=tuple(dict.fromkeys([sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))])),
+    )
+)
+register_executor(
+    Executor(
+        "javascript",
+        ".js",
+        # V8 reserves far more address space than it uses: cap the heap and the data segment.
+        ("node", "--max-old-space-size={memory_mb}", "--stack-size=4000", "{file}"),
+        memory_rlimit="DATA",
+        aliases=("js", "node", "nodejs"),
+    )
+)
+
+
+# ----------------------------------------------------------------------------- config/result
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxConfig:
+    """Limits and isolation for one run. Defaults follow MultiPL-E (15 s wall timeout)."""
+
+    timeout: float = 15.0
+    memory_mb: int = 2048
+    max_processes: int = 64  # RLIMIT_NPROC: counts threads of the sandbox uid
+    max_file_mb: int = 64
+    max_open_files: int = 512
+    max_output_bytes: int = 32 * 1024  # tail kept per stream
+    isolate_network: bool = True
+    isolate_filesystem: bool = True
+    isolate_pids: bool = True
+    user: str | int | None = "auto"  # "auto": fresh uid per run when root; "nobody"; an int; None: stay
+    tmp_root: str | None = None  # where the per-run directories go (default: the system temp dir)
+
+    def replace(self, **kw) -> SandboxConfig:
+        return dataclasses.replace(self, **kw)
+
+
+@dataclasses.dataclass
+class ExecResult:
+    status: str  # passed / failed / timeout / error
+    exit_code: int | None  # negative: killed by that signal
+    stdout: str  # tail
+    stderr: str  # tail
+    wall_time: float
+    language: str = "python"
+    error: str | None = None  # harness-side problem (status "error")
+    isolation: dict[str, Any] = dataclasses.field(default_factory=dict)
+    pid: int | None = None  # the launcher's pid = the process-group id (all killed on return)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == PASSED
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class Program:
+    source: str
+    language: str = "python"
+    timeout: float | None = None  # overrides the config's
+    tag: Any = None
+
+
+# ----------------------------------------------------------------------------- helpers
+
+_UID_LOCK = threading.Lock()
+_UID_COUNTER = itertools.count()
+_UID_BASE = 0x100000  # 1,048,576: far above any real account
+_UID_SPAN = 4096
+
+
+def _fresh_uid() -> int:
+    """A uid no account uses, distinct per run (per harness process, cycling every 4096)."""
+    with _UID_LOCK:
+        n = next(_UID_COUNTER)
+    return _UID_BASE + ((os.getpid() % 4096) * _UID_SPAN) + (n % _UID_SPAN)
+
+
+def _resolve_user(user) -> int | None:
+    if os.geteuid() != 0 or user is None:
+        return None
+    if user == "auto":
+        return _fresh_uid()
+    if user == "nobody":
+        return 65534
+    if isinstance(user, int) or (isinstance(user, str) and user.isdigit()):
+        return int(user)
+    import pwd
+
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        raise EvalError(f"unknown sandbox user {user!r}") from None
+
+
+def _others_can_traverse(path: str) -> bool:
+    cur = "/"
+    for part in os.path.realpath(path).strip("/").split("/"):
+        try:
+            if not os.stat(cur).st_mode & stat.S_IXOTH:
+                return False
+        except OSError:
+            return False
+        cur = os.path.join(cur, part)
+    return True
+
+
+def _tmp_root(config: SandboxConfig, unprivileged: bool) -> str:
+    root = config.tmp_root or tempfile.gettempdir()
+    if unprivileged and not _others_can_traverse(os.path.join(root, "x")):
+        root = "/tmp"
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _kill_pid(pid: int | None, pidfd: int | None) -> None:
+    try:
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        elif pid is not None:
+            os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError, OSError):
+        pass
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def processes_of_uid(uid: int, *, include_zombies: bool = False) -> list[int]:
+    """Pids whose real uid is `uid` (reads /proc)."""
+    pids = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status") as f:
+                text = f.read()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        try:
+            ruid = int(fields["Uid"].split()[0])
+        except (KeyError, ValueError, IndexError):
+            continue
+        if ruid != uid:
+            continue
+        if not include_zombies and fields.get("State", "").strip().startswith(("Z", "X")):
+            continue
+        pids.append(int(name))
+    return pids
+
+
+def _sweep_uid(uid: int, rounds: int = 20) -> None:
+    """SIGKILLs everything running as `uid` (only used for per-run uids)."""
+    for _ in range(rounds):
+        pids = processes_of_uid(uid)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        time.sleep(0.01)
+
+
+_EXIT = object()  # selector tag of the launcher's pidfd
+
+
+class _Tail:
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.buf = bytearray()
+        self.total = 0
+
+    def add(self, data: bytes) -> None:
+        self.total += len(data)
+        self.buf += data
+        if len(self.buf) > 2 * self.limit:
+            del self.buf[: len(self.buf) - self.limit]
+
+    def text(self) -> str:
+        data = bytes(self.buf[-self.limit :]) if self.limit else b""
+        prefix = f"[... {self.total - len(data)} bytes dropped ...]\n" if self.total > len(data) else ""
+        return prefix + data.decode("utf-8", errors="replace")
+
+
+# ----------------------------------------------------------------------------- capabilities
+
+_CAPS: dict[str, Any] | None = None
+_CAPS_LOCK = threading.Lock()
+
+
+def sandbox_capabilities(refresh: bool = False) -> dict[str, Any]:
+    """What isolation this machine gives, found by running a trivial program once.
+
+    Keys: ``root``, ``network`` (network namespace), ``filesystem`` (mount namespace with
+    read-only shared temp dirs), ``pids`` (pid namespace), ``unprivileged_user`` (drops to
+    a fresh uid), ``notes``.
+    """
+    global _CAPS
+    with _CAPS_LOCK:
+        if _CAPS is not None and not refresh:
+            return dict(_CAPS)
+        caps: dict[str, Any] = {"root": os.geteuid() == 0, "notes": []}
+        cfg = SandboxConfig(timeout=30.0)
+        res = _run_one(get_executor("python"), "pass\n", cfg)
+        if res.status == ERROR and "mount" in (res.error or ""):
+            caps["notes"].append(f"mount isolation failed, disabled: {res.error}")
+            caps["filesystem_broken"] = True
+            res = _run_one(get_executor("python"), "pass\n", cfg.replace(isolate_filesystem=False))
+        iso = res.isolation
+        caps.update(
+            network=bool(iso.get("network")),
+            filesystem=bool(iso.get("filesystem")),
+            pids=bool(iso.get("pids")),
+            unprivileged_user=iso.get("uid") is not None or not caps["root"],
+            probe_status=res.status,
+        )
+        caps["notes"] += list(iso.get("notes", []))
+        if res.status != PASSED:
+            caps["notes"].append(f"probe program did not pass: {res.error or res.stderr.strip()[-300:]}")
+        _CAPS = caps
+        return dict(caps)
+
+
+def describe_capabilities(caps: dict[str, Any] | None = None) -> str:
+    caps = caps or sandbox_capabilities()
+    yn = lambda b: "yes" if b else "NO"  # noqa: E731
+    return (
+        f"sandbox: network-namespace={yn(caps['network'])} mount-namespace={yn(caps['filesystem'])} "
+        f"pid-namespace={yn(caps['pids'])} unprivileged-user={yn(caps['unprivileged_user'])}"
+    )
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def run_program(
+    source: str,
+    language: str = "python",
+    *,
+    timeout: float | None = None,
+    config: SandboxConfig | None = None,
+) -> ExecResult:
+    """Runs one program in the sandbox. Never raises for program behaviour."""
+    config = config or SandboxConfig()
+    if timeout is not None:
+        config = config.replace(timeout=timeout)
+    executor = get_executor(language)
+    if config.isolate_filesystem and os.geteuid() == 0 and not sandbox_capabilities()["filesystem"]:
+        config = config.replace(isolate_filesystem=False)  # mount namespace unavailable here
+    return _run_one(executor, source, config)
+
+
+def _run_one(executor: Executor, source: str, config: SandboxConfig) -> ExecResult:
+    t0 = time.monotonic()
+    lang = executor.language
+
+    def error(msg: str, iso=None) -> ExecResult:
+        return ExecResult(ERROR, None, "", "", time.monotonic() - t0, lang, msg, iso or {})
+
+    try:
+        exe = executor.resolve()
+    except ExecutorUnavailableError as e:
+        return error(str(e))
+    uid = _resolve_user(config.user)
+    per_run_uid = config.user == "auto" and uid is not None
+    if uid is not None and not (config.isolate_filesystem or _others_can_traverse(exe)):
+        # without a mount namespace the unprivileged user could not even start the interpreter
+        uid, per_run_uid = None, False
+    workdir = tempfile.mkdtemp(prefix="sc_eval_", dir=_tmp_root(config, uid is not None))
+    proc = None
+    pidfd = None
+    child_pidfd = None
+    status_r = None
+    try:
+        tmpdir = os.path.join(workdir, "tmp")
+        os.mkdir(tmpdir)
+        path = os.path.join(workdir, executor.program_name())
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(source)
+        if uid is not None:
+            for p in (workdir, tmpdir, path):
+                os.chown(p, uid, uid)
+        os.chmod(workdir, 0o700)
+
+        memory_mb = int(config.memory_mb)
+        env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "HOME": workdir,
+            "TMPDIR": tmpdir,
+            "LANG": "C.UTF-8",
+            "PYTHONIOENCODING": "utf-8",
+        }
+        env.update(dict(executor.env))
+        rlimits = {
+            "NPROC": config.max_processes if uid is not None else None,  # root ignores it anyway
+            "FSIZE": config.max_file_mb * 2**20,
+            "NOFILE": config.max_open_files,
+            "CORE": 0,
+            "CPU": int(config.timeout) + 5,  # backstop if the harness dies
+        }
+        if executor.memory_rlimit != "none" and memory_mb > 0:
+            rlimits[executor.memory_rlimit] = memory_mb * 2**20
+        readonly = [d for d in WORLD_WRITABLE if os.path.isdir(d)]
+        base = os.path.dirname(workdir)
+        if base not in readonly and os.stat(base).st_mode & stat.S_IWOTH:
+            readonly.append(base)
+        expose = list(executor.expose) + [os.path.dirname(os.path.realpath(exe))]
+
+        status_r, status_w = os.pipe()
+        cfg = {
+            "status_fd": status_w,
+            "workdir": workdir,
+            "argv": executor.argv(path, workdir, memory_mb),
+            "env": env,
+            "uid": uid,
+            "gid": uid,
+            "net": config.isolate_network,
+            "fs": config.isolate_filesystem,
+            "pidns": config.isolate_pids,
+            "expose": expose,
+            "readonly": readonly,
+            "rlimits": rlimits,
+        }
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", LAUNCHER, json.dumps(cfg)],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=env,
+                cwd=workdir,
+                start_new_session=True,
+                pass_fds=(status_w,),
+                close_fds=True,
+            )
+        except OSError as e:
+            return error(f"could not start the launcher: {e}")
+        finally:
+            os.close(status_w)
+        pgid = proc.pid
+        pidfd = _pidfd(proc.pid)
+
+        out, err = _Tail(config.max_output_bytes), _Tail(config.max_output_bytes)
+        status_buf = bytearray()
+        sel = selectors.DefaultSelector()
+        sel.register(proc.stdout, selectors.EVENT_READ, out)
+        sel.register(proc.stderr, selectors.EVENT_READ, err)
+        sel.register(status_r, selectors.EVENT_READ, status_buf)
+        if pidfd is not None:
+            sel.register(pidfd, selectors.EVENT_READ, _EXIT)
+
+        deadline = t0 + config.timeout
+        timed_out = False
+        info: dict[str, Any] = {}
+
+        def exited() -> bool:
+            # WNOWAIT: leave the zombie so the pgid cannot be reused before we kill the group
+            try:
+                return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+            except ChildProcessError:
+                return True
+
+        def pump(wait: float) -> None:
+            for key, _ in sel.select(timeout=max(0.0, wait)):
+                if key.data is _EXIT:
+                    sel.unregister(key.fileobj)
+                    continue
+                fd = key.fileobj if isinstance(key.fileobj, int) else key.fileobj.fileno()
+                try:
+                    data = os.read(fd, 65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    sel.unregister(key.fileobj)
+                    continue
+                if key.data is status_buf:
+                    status_buf.extend(data)
+                else:
+                    key.data.add(data)
+
+        while True:
+            now = time.monotonic()
+            if exited():
+                break
+            if now >= deadline:
+                timed_out = True
+                break
+            if not sel.get_map():
+                time.sleep(min(0.01, deadline - now))
+                continue
+            pump(min(deadline - now, 0.25 if pidfd is None else deadline - now))
+            if child_pidfd is None and status_buf:
+                info = _parse_status(status_buf)
+                if info.get("child"):
+                    child_pidfd = _pidfd(int(info["child"]))
+        info = _parse_status(status_buf)
+
+        if timed_out:
+            # kill pid 1 of the pid namespace: the kernel tears the namespace down and the
+            # launcher exits once it is gone; then the whole group for good measure.
+            child = info.get("child")
+            if child:
+                _kill_pid(int(child), child_pidfd)
+                end = time.monotonic() + 5.0
+                while time.monotonic() < end and not exited():
+                    pump(0.02)
+        _killpg(pgid)
+        if per_run_uid and not info.get("pidns"):
+            _sweep_uid(uid)
+        # drain what is left in the pipes (writers are dead now)
+        drain_end = time.monotonic() + 1.0
+        while time.monotonic() < drain_end and any(
+            k.data is not _EXIT for k in sel.get_map().values()
+        ):
+            pump(0.05)
+        sel.close()
+        proc.wait()
+        status_text = _parse_status(status_buf, all_lines=True)
+        wall = time.monotonic() - t0
+        isolation = {
+            "network": bool(info.get("net")),
+            "filesystem": bool(info.get("mnt")),
+            "pids": bool(info.get("pidns")),
+            "uid": info.get("uid"),
+            "notes": info.get("notes", []),
+        }
+        code = proc.returncode
+        if status_text.get("setup_error") or status_text.get("exec_error") or status_text.get("child_setup_error"):
+            msg = status_text.get("setup_error") or status_text.get("child_setup_error") or status_text.get("exec_error")
+            return ExecResult(ERROR, code, out.text(), err.text(), wall, lang, msg, isolation, pgid)
+        if timed_out:
+            status = TIMEOUT
+        elif code == 0:
+            status = PASSED
+        else:
+            status = FAILED
+        return ExecResult(status, code, out.text(), err.text(), wall, lang, None, isolation, pgid)
+    finally:
+        if proc is not None and proc.poll() is None:
+            _killpg(proc.pid)
+            proc.wait()
+        for fd in (pidfd, child_pidfd, status_r):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        if proc is not None:
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _parse_status(buf: bytes | bytearray, all_lines: bool = False) -> dict[str, Any]:
+    """The launcher's status lines: the `ready` record, or with all_lines a map stage -> error."""
+    ready: dict[str, Any] = {}
+    stages: dict[str, Any] = {}
+    for line in bytes(buf).decode("utf-8", "replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if rec.get("stage") == "ready":
+            ready = rec
+        else:
+            stages[rec.get("stage", "error")] = rec.get("error", "unknown launcher error")
+    return stages if all_lines else ready
+
+
+def run_many(
+    programs: Sequence[Program | str | tuple[str, str]],
+    *,
+    workers: int | None = None,
+    config: SandboxConfig | None = None,
+    progress: bool = True,
+    desc: str = "execute",
+    on_result: Callable[[int, ExecResult], None] | None = None,
+) -> list[ExecResult]:
+    """Runs programs concurrently (threads; each program is its own process tree).
+
+    `programs` items: a Program, a Python source string, or ``(language, source)``.
+    Results come back in input order. Progress goes to stderr.
+    """
+    config = config or SandboxConfig()
+    progs = [_as_program(p) for p in programs]
+    for p in progs:  # fail fast on an unknown language, before starting anything
+        get_executor(p.language)
+    if workers is None:
+        workers = max(1, min(8, os.cpu_count() or 1))
+    workers = max(1, int(workers))
+    if progs and os.geteuid() == 0:
+        sandbox_capabilities()  # probe once, before the threads race for it
+    results: list[ExecResult | None] = [None] * len(progs)
+    bar = _Progress(len(progs), desc, enabled=progress)
+
+    def job(i: int) -> tuple[int, ExecResult]:
+        p = progs[i]
+        return i, run_program(p.source, p.language, timeout=p.timeout, config=config)
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox")
+    try:
+        futures = [pool.submit(job, i) for i in range(len(progs))]
+        for fut in as_completed(futures):
+            i, res = fut.result()
+            results[i] = res
+            bar.update(res)
+            if on_result is not None:
+                on_result(i, res)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        bar.close()
+    pool.shutdown(wait=True)
+    return results  # type: ignore[return-value]
+
+
+def _as_program(p) -> Program:
+    if isinstance(p, Program):
+        return p
+    if isinstance(p, str):
+        return Program(p)
+    if isinstance(p, tuple) and len(p) == 2:
+        return Program(p[1], p[0])
+    raise TypeError(f"cannot run {type(p).__name__}: pass Program, a source string or (language, source)")
+
+
+class _Progress:
+    """tqdm bar on stderr when available; otherwise a line every ~5%."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total, self.desc, self.enabled = total, desc, enabled and total > 0
+        self.counts = {s: 0 for s in STATUSES}
+        self.done = 0
+        self.t0 = time.monotonic()
+        self.bar = None
+        self.next_print = 0
+        if self.enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
+            except ImportError:
+                self.bar = None
+
+    def update(self, res: ExecResult) -> None:
+        self.done += 1
+        self.counts[res.status] = self.counts.get(res.status, 0) + 1
+        if not self.enabled:
+            return
+        post = " ".join(f"{k}={v}" for k, v in self.counts.items() if v)
+        if self.bar is not None:
+            self.bar.set_postfix_str(post, refresh=False)
+            self.bar.update(1)
+        elif self.done >= self.next_print or self.done == self.total:
+            print(f"{self.desc}: {self.done}/{self.total} {post} ({time.monotonic() - self.t0:.1f}s)",
+                  file=sys.stderr, flush=True)
+            self.next_print = self.done + max(1, self.total // 20)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def status_counts(results: Iterable[ExecResult]) -> dict[str, int]:
+    counts = {s: 0 for s in STATUSES}
+    for r in results:
+        counts[r.status] = counts.get(r.status, 0) + 1
+    return counts
