@@ -135,6 +135,8 @@ def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
     """Applies `a.b.c=value` strings to a raw config dict, checking every key against
     the dataclass `cls`; values are parsed as YAML scalars."""
     data = dict(data)
+    # A preset replaces its whole section, so apply preset overrides before the keys they reset.
+    overrides = sorted(overrides, key=lambda o: not o.split("=", 1)[0].endswith(".preset"))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
@@ -145,6 +147,8 @@ def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
             if node_cls is not None and key not in fields:
                 raise ConfigError(f"unknown config key '{'.'.join(keys[: i + 1])}'{_closest(key, fields)}")
             if i == len(keys) - 1:
+                if key == "preset":  # the preset's values, not the section's old ones
+                    node.clear()
                 node[key] = yaml.safe_load(raw) if raw != "" else ""
                 break
             child = node.get(key)
@@ -205,9 +209,10 @@ class ModelConfig:
     # Ours (not in HF): numerics and execution.
     dtype: str = "float32"  # compute dtype: bfloat16 on accelerators
     param_dtype: str = "float32"  # master weights
-    attention: str = "auto"  # reference | cudnn | auto (cudnn on GPU, reference elsewhere)
+    attention: str = "auto"  # reference | chunked | cudnn | auto (chunked on GPU/TPU, reference on CPU)
     remat: str = "none"  # none | full | dots | dots_no_batch
     scan_layers: bool = True
+    max_segments: int = 256  # packed documents per row the fused (cuDNN) attention path can take
     preset: str | None = None  # a MODEL_PRESETS name; the other keys override it
 
     @staticmethod
@@ -236,8 +241,8 @@ class ModelConfig:
             raise ConfigError(f"rotary dims per head ({self.rotary_dim}) must be even: change partial_rotary_factor")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"model.remat '{self.remat}' unknown{_closest(self.remat, REMAT_POLICIES)}")
-        if self.attention not in ("reference", "cudnn", "auto"):
-            raise ConfigError(f"model.attention '{self.attention}' must be reference, cudnn or auto")
+        if self.attention not in ("reference", "chunked", "cudnn", "auto"):
+            raise ConfigError(f"model.attention '{self.attention}' must be reference, chunked, cudnn or auto")
         return self
 
     def num_params(self, include_embeddings: bool = True) -> int:

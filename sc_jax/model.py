@@ -13,7 +13,7 @@ D head_dim, M intermediate, V vocab, L layers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -101,8 +101,10 @@ class Attention(nnx.Module):
             k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), (0, cache_index, 0, 0))
             out = reference_attention(q, k.astype(dt), v.astype(dt), mask)
-        elif _use_cudnn(cfg):
-            out = cudnn_attention(q, k, v, segment_ids)
+        elif use_cudnn(cfg):
+            out = cudnn_attention(q, k, v, segment_ids, cfg.max_segments)
+        elif use_chunked(cfg):
+            out = chunked_attention(q, k, v, mask)
         else:
             out = reference_attention(q, k, v, mask)
         out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt))
@@ -198,9 +200,7 @@ class StableLmForCausalLM(nnx.Module):
             kv_slot = jnp.arange(kv_seg.shape[1], dtype=jnp.int32)
         else:
             kv_seg, kv_slot = q_seg, q_slot
-        # [B,T,S]: causal by buffer slot, same segment, never padding keys.
-        mask = ((kv_slot[None, None, :] <= q_slot[None, :, None])
-                & (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] != 0))
+        mask = AttentionMask(q_seg, kv_seg, q_slot, kv_slot)
 
         x = self.model.embed_tokens(input_ids).astype(DTYPES[cfg.dtype])
         x = constrain(x, ("act_batch", "act_seq", "act_embed"))
@@ -266,45 +266,90 @@ def apply_rotary(x, positions, rotary_dim: int, theta: float):
     return jnp.concatenate([x_rot, x_pass], -1)
 
 
-def reference_attention(q, k, v, mask):
-    """q [B,T,H,D], k/v [B,S,K,D], mask [B,T,S] bool -> [B,T,H,D]. Softmax in fp32, GQA by grouping."""
+class AttentionMask(NamedTuple):
+    """Who attends to whom, without materialising [T,S]: causal by buffer slot, same
+    segment, never a padding (segment 0) key."""
+
+    q_seg: jax.Array  # [B,T]
+    kv_seg: jax.Array  # [B,S]
+    q_slot: jax.Array  # [T]
+    kv_slot: jax.Array  # [S]
+
+    def dense(self):  # [B,T,S] bool
+        return ((self.kv_slot[None, None, :] <= self.q_slot[None, :, None])
+                & (self.q_seg[:, :, None] == self.kv_seg[:, None, :]) & (self.kv_seg[:, None, :] != 0))
+
+
+def reference_attention(q, k, v, mask: AttentionMask):
+    """q [B,T,H,D], k/v [B,S,K,D] -> [B,T,H,D]. Softmax in fp32, GQA by grouping."""
     B, T, H, D = q.shape
     K = k.shape[2]
     q = q.reshape(B, T, K, H // K, D)
     logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(D).astype(jnp.float32)
-    logits = jnp.where(mask[:, None, None], logits, NEG_INF)
+    logits = jnp.where(mask.dense()[:, None, None], logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, D)
 
 
-def _use_cudnn(cfg: ModelConfig) -> bool:
-    if cfg.attention == "cudnn":
-        return True
-    return cfg.attention == "auto" and jax.default_backend() == "gpu" and cfg.dtype in ("bfloat16", "float16")
+def chunked_attention(q, k, v, mask: AttentionMask, chunk: int = 1024):
+    """The reference math one query block at a time, each block rematerialised in the
+    backward pass: peak memory holds one [B,H,chunk,S] score block instead of [B,H,T,S].
+    Runs on every backend (TPU, and CPU for memory planning)."""
+    B, T, H, D = q.shape
+    if T <= chunk or T % chunk:
+        return reference_attention(q, k, v, mask)
+    n = T // chunk
+    q_blocks = q.reshape(B, n, chunk, H, D).swapaxes(0, 1)  # [n,B,c,H,D]
+    seg_blocks = mask.q_seg.reshape(B, n, chunk).swapaxes(0, 1)
+    slot_blocks = mask.q_slot.reshape(n, chunk)
+
+    @jax.checkpoint
+    def block(_, xs):
+        qb, segb, slotb = xs
+        return None, reference_attention(qb, k, v, AttentionMask(segb, mask.kv_seg, slotb, mask.kv_slot))
+
+    _, out = jax.lax.scan(block, None, (q_blocks, seg_blocks, slot_blocks))
+    return out.swapaxes(0, 1).reshape(B, T, H, D)
 
 
-def cudnn_attention(q, k, v, segment_ids):
+def use_cudnn(cfg: ModelConfig) -> bool:
+    """cuDNN only when asked for: measured on an H100 (bench/gpu.py), the fused call under
+    remat kept ~3.4 MB/token of residuals (stable-code-3b, seq 4096, batch 2 ran out of
+    80 GB) while `chunked` fits batch 4 at 51.6 GB. `auto` therefore picks `chunked` on
+    accelerators."""
+    return cfg.attention == "cudnn"
+
+
+def use_chunked(cfg: ModelConfig) -> bool:
+    return cfg.attention == "chunked" or (cfg.attention == "auto" and jax.default_backend() in ("gpu", "tpu"))
+
+
+def cudnn_attention(q, k, v, segment_ids, max_segments: int = 256):
     """Fused cuDNN flash attention (GPU). Packed rows pass their segments as offsets so
-    no [T,S] mask is materialised: segment m of row b spans [offsets[b,m], offsets[b,m+1])."""
+    no [T,S] mask is materialised: segment m of row b spans [offsets[b,m], offsets[b,m+1]).
+    Rows must hold at most `max_segments` segments (the train loop checks each batch)."""
     if segment_ids is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
     from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention as cudnn_dpa
 
-    seq_lens, offsets = segment_offsets(segment_ids)
-    return cudnn_dpa(q, k, v, None, None, seq_lens, seq_lens, offsets, offsets,
-                     scale=1.0 / float(q.shape[-1]) ** 0.5, mask_type=MaskType.PADDING_CAUSAL)
+    seq_lens, offsets = segment_offsets(segment_ids, min(max_segments, segment_ids.shape[1]))
+    # Padding is in no segment, so cuDNN leaves its gradients undefined: cut them off here.
+    real = segment_ids[..., None, None] > 0
+    q, k, v = (jnp.where(real, x, 0) for x in (q, k, v))
+    out = cudnn_dpa(q, k, v, None, None, seq_lens, seq_lens, offsets, offsets,
+                    scale=1.0 / float(q.shape[-1]) ** 0.5, mask_type=MaskType.PADDING_CAUSAL)
+    return jnp.where(real, out, 0)
 
 
-def segment_offsets(segment_ids, max_segments: int | None = None):
-    """segment_ids [B,T] (1-based, contiguous, 0 = padding) -> (lengths [B,M], offsets [B,M+1]),
-    unused entries -1, as cuDNN's packed-sequence API wants."""
+def segment_offsets(segment_ids, max_segments: int):
+    """segment_ids [B,T] (1-based, contiguous, 0 = padding) -> (lengths [B,M], starts [B,M+1])
+    as cuDNN's packed-sequence API wants: a row's used segments first, unused entries -1."""
     B, T = segment_ids.shape
-    M = max_segments or T
-    ids = jnp.arange(1, M + 1, dtype=segment_ids.dtype)
+    ids = jnp.arange(1, max_segments + 1, dtype=segment_ids.dtype)
     lengths = (segment_ids[:, None, :] == ids[None, :, None]).sum(-1).astype(jnp.int32)  # [B,M]
-    starts = jnp.concatenate([jnp.zeros((B, 1), jnp.int32), jnp.cumsum(lengths, -1)], -1)  # [B,M+1]
-    used = jnp.concatenate([jnp.ones((B, 1), bool), lengths > 0], -1)
-    return jnp.where(lengths > 0, lengths, -1), jnp.where(used, starts, -1)
+    starts = jnp.cumsum(lengths, -1) - lengths  # segments are contiguous and in order
+    starts = jnp.where(lengths > 0, starts, -1)
+    return jnp.where(lengths > 0, lengths, -1), jnp.pad(starts, ((0, 0), (0, 1)), constant_values=-1)
 
 
 # ----------------------------------------------------------------------------- helpers

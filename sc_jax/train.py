@@ -67,7 +67,7 @@ class LoggingConfig:
 
 @dataclasses.dataclass
 class Config:
-    model: ModelConfig = dataclasses.field(default_factory=lambda: model_preset("tiny"))
+    model: ModelConfig = dataclasses.field(default_factory=lambda: model_preset("stable-code-3b"))
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -381,6 +381,7 @@ def run(cfg: Config, *, on_step=None) -> dict:
     import jax
 
     from sc_jax import checkpoint, sharding
+    from sc_jax.model import use_cudnn
     from sc_jax.step import flops_per_token, peak_flops
 
     cfg.validate()
@@ -431,7 +432,12 @@ def run(cfg: Config, *, on_step=None) -> dict:
     log.print(f"{cfg.model.num_params():,} parameters | mesh {dict(s.mesh.shape)} on {n_dev} {kind} device(s), "
               f"{pc} process(es) | {tokens_per_step:,} tokens/step | steps {start} -> {t.steps}")
 
+    fused_attention = use_cudnn(cfg.model)
+
     def to_global(batch):
+        if fused_attention and "segment_ids" in batch and int(np.max(batch["segment_ids"])) > cfg.model.max_segments:
+            raise ConfigError(f"a batch row packs {int(np.max(batch['segment_ids']))} documents, more than the fused "
+                              f"attention's model.max_segments={cfg.model.max_segments}: raise it")
         return {k: jax.make_array_from_process_local_data(s.batch_sh, np.asarray(v),
                                                           (t.global_batch_size, *np.shape(v)[1:]))
                 for k, v in batch.items()}

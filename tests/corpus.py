@@ -29,5 +29,5 @@ def make_tokenizer(corpus: str, out: str, vocab_size: int = 512) -> str:
 
 def data_overrides(corpus: str, tokenizer: str) -> list[str]:
     """train.py overrides for the real grain pipeline over `corpus`."""
-    return ["train.data=pipeline", f"data.tokenizer={tokenizer}",
+    return ["model.preset=tiny", "train.data=pipeline", f"data.tokenizer={tokenizer}",
             f"data.sources=[{{kind: dir, path: '{corpus}'}}]", "model.vocab_size=512"]

@@ -17,7 +17,7 @@ from sc_jax.config import ConfigError
 from sc_jax.optimizer import OptimizerConfig, decay_mask, lr_schedule
 from sc_jax.train import TrainingError, load_config, main, run
 
-BASE = ["train.data=synthetic", "train.steps=4", "train.seq_len=32", "train.global_batch_size=8",
+BASE = ["model.preset=tiny", "train.data=synthetic", "train.steps=4", "train.seq_len=32", "train.global_batch_size=8",
         "optimizer.peak_lr=3e-3", "optimizer.warmup_steps=1", "logging.progress=false", "logging.tensorboard=false",
         "checkpoint.enabled=false"]
 
@@ -115,7 +115,7 @@ def test_weight_decay_skips_biases_and_norms():
 def test_config_errors_are_one_line(capsys):
     with pytest.raises(ConfigError, match="did you mean 'peak_lr'"):
         load_config(None, ["optimizer.peak_rl=1"])
-    assert main(["train.stepz=3"]) == 2
+    assert main(["model.preset=tiny", "train.stepz=3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "did you mean 'steps'" in err and "\n" not in err
 
@@ -146,4 +146,11 @@ def test_two_processes_on_loopback_match_one(tmp_path, single_device):
 
 def test_override_of_an_absent_section_starts_from_its_default():
     cfg = load_config(None, ["model.vocab_size=512"])
-    assert cfg.model.hidden_size == 64 and cfg.model.vocab_size == 512  # the tiny default, not 3B sizes
+    assert cfg.model.hidden_size == 2560 and cfg.model.vocab_size == 512  # the default preset, not class defaults
+    assert cfg.model.rope_theta == 1e6
+
+
+def test_preset_override_replaces_the_section_whatever_the_order():
+    cfg = load_config(None, ["model.remat=full", "model.preset=stable-code-3b", "model.dtype=bfloat16"])
+    assert cfg.model.num_params() == 2_795_443_200 and cfg.model.rope_theta == 1e6
+    assert (cfg.model.remat, cfg.model.dtype) == ("full", "bfloat16")

@@ -1,0 +1,756 @@
+"""Random-access data sources (grain `RandomAccessDataSource`-style: `__len__` / `__getitem__`).
+
+Every source presents the same two views, so documents can be built per repository or per file:
+
+- repositories: `num_repos()`, `repo_name(i)` (cheap, None when only reading tells), `read_repo(i)`;
+- files: `num_files()`, `file_repo_name(j)`, `read_file(j)`.
+
+Reads return a `RepoData` (name, clean (path, text) pairs, skip counts). Nothing raises on bad
+input: unreadable, undecodable, binary, empty, oversized, minified and malformed inputs are
+skipped and counted, at scan time (`scan_skipped`, counted once, in the main process) or at read
+time (in `RepoData.skipped`, counted by the pipeline's statistics).
+
+Kinds: `dir` (a directory of repositories), `jsonl` and `parquet` (The Stack's layout: one row per
+file with content, repository name, path, language), `tfds` (ArrayRecord files written by
+`sc_jax.data.tfds_builder`, one record per repository, read with `tfds.data_source`).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import fnmatch
+import glob
+import gzip
+import json
+import os
+import threading
+
+import numpy as np
+
+from sc_jax.config import ConfigError
+from sc_jax.data.config import LANGUAGE_EXTENSIONS, DataConfig, SourceConfig, normalize_language
+
+_BINARY_SNIFF_BYTES = 8192
+_MINIFIED_SUFFIXES = (".min.js", ".min.css", ".min.mjs", "-min.js", ".bundle.js")
+
+CONTENT_KEYS = ("content", "text", "code")
+REPO_KEYS = ("repo_name", "max_stars_repo_name", "repository_name", "repo")
+PATH_KEYS = ("path", "max_stars_repo_path", "file_path", "filename")
+LANGUAGE_KEYS = ("language", "lang")
+
+
+class DataError(ConfigError):
+    """A data source that cannot be used at all (missing path, nothing usable)."""
+
+
+@dataclasses.dataclass
+class RepoData:
+    name: str
+    files: list[tuple[str, str]]  # (path, text)
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _count(d: dict, key: str, n: int = 1) -> None:
+    d[key] = d.get(key, 0) + n
+
+
+# ----------------------------------------------------------------------------- filtering
+
+
+@dataclasses.dataclass
+class FileFilter:
+    """Which files to keep and how to turn their bytes into text."""
+
+    extensions: frozenset[str] | None  # None = any extension
+    languages: frozenset[str] | None  # None = any language
+    max_file_bytes: int = 1_000_000
+    max_line_length: int = 1000
+    vendored_dirs: frozenset[str] = frozenset()
+    skip_hidden: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, src: SourceConfig | None) -> "FileFilter":
+        langs = cfg.all_languages(None if src is None else src.languages)
+        if langs is None:
+            exts = None
+        else:
+            exts = {e.lower() for lang in langs for e in LANGUAGE_EXTENSIONS.get(lang, ())}
+            exts |= {e.lower() for e in cfg.extensions}
+        return cls(extensions=None if exts is None else frozenset(exts),
+                   languages=None if langs is None else frozenset(langs),
+                   max_file_bytes=cfg.max_file_bytes, max_line_length=cfg.max_line_length,
+                   vendored_dirs=frozenset(cfg.vendored_dirs), skip_hidden=cfg.skip_hidden)
+
+    def dir_skip_reason(self, name: str) -> str | None:
+        if name in self.vendored_dirs:
+            return "vendored"
+        if self.skip_hidden and name.startswith("."):
+            return "hidden"
+        return None
+
+    def name_skip_reason(self, path: str) -> str | None:
+        """Reason to skip a file by its path alone (None = keep)."""
+        base = os.path.basename(path)
+        if self.skip_hidden and base.startswith("."):
+            return "hidden"
+        low = base.lower()
+        if low.endswith(_MINIFIED_SUFFIXES):
+            return "vendored"
+        if any(part in self.vendored_dirs for part in path.replace("\\", "/").split("/")[:-1]):
+            return "vendored"
+        if self.extensions is not None and os.path.splitext(low)[1] not in self.extensions:
+            return "not_selected"
+        return None
+
+    def row_selected(self, language: str | None, path: str | None) -> bool:
+        """Language filter for table rows: by the language column, else by the path's extension."""
+        if self.languages is None:
+            return True
+        if language:
+            return normalize_language(language) in self.languages
+        if path:
+            return os.path.splitext(path.lower())[1] in (self.extensions or ())
+        return True  # no way to tell: keep
+
+    def clean(self, data: bytes | str | None) -> tuple[str | None, str | None]:
+        """(text, None) for a usable file, else (None, reason)."""
+        if data is None:
+            return None, "malformed"
+        if isinstance(data, str):
+            if (self.max_file_bytes and len(data) > self.max_file_bytes // 4
+                    and len(data.encode("utf-8", "surrogatepass")) > self.max_file_bytes):
+                return None, "oversized"
+            if "\x00" in data[:_BINARY_SNIFF_BYTES]:
+                return None, "binary"
+            try:
+                data.encode("utf-8")  # lone surrogates from bad JSON escapes
+            except UnicodeEncodeError:
+                return None, "undecodable"
+            text = data
+        else:
+            if self.max_file_bytes and len(data) > self.max_file_bytes:
+                return None, "oversized"
+            if b"\x00" in data[:_BINARY_SNIFF_BYTES]:
+                return None, "binary"
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                return None, "undecodable"
+        if not text.strip():
+            return None, "empty"
+        if self.max_line_length and len(text) > self.max_line_length:
+            if max(map(len, text.splitlines())) > self.max_line_length:
+                return None, "long_lines"
+        return text, None
+
+    def read_and_clean(self, path: str) -> tuple[str | None, str | None]:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(self.max_file_bytes + 1 if self.max_file_bytes else -1)
+        except OSError:
+            return None, "unreadable"
+        return self.clean(data)
+
+
+def scan_tree(root: str, filt: FileFilter, skipped: dict[str, int]) -> list[str]:
+    """Absolute paths of the files under `root` that pass the name/size filters, sorted."""
+    out: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: _count(skipped, "unreadable")):
+        keep = []
+        for d in sorted(dirnames):
+            reason = filt.dir_skip_reason(d)
+            if reason:
+                _count(skipped, f"{reason}_dir")
+            else:
+                keep.append(d)
+        dirnames[:] = keep
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            reason = filt.name_skip_reason(name)
+            if reason is None:
+                try:
+                    size = os.stat(full).st_size
+                except OSError:
+                    reason = "unreadable"
+                else:
+                    if size == 0:
+                        reason = "empty"
+                    elif filt.max_file_bytes and size > filt.max_file_bytes:
+                        reason = "oversized"
+            if reason:
+                _count(skipped, reason)
+                continue
+            out.append(full)
+    return out
+
+
+def _detect_key(record: dict, configured: str, candidates: tuple[str, ...]) -> str | None:
+    if configured:
+        return configured
+    for k in candidates:
+        if k in record:
+            return k
+    return None
+
+
+def _expand(path: str, patterns: tuple[str, ...], what: str) -> list[str]:
+    if os.path.isdir(path):
+        files = sorted({f for p in patterns for f in glob.glob(os.path.join(path, "**", p), recursive=True)})
+    elif any(c in path for c in "*?["):
+        files = sorted(glob.glob(path, recursive=True))
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise DataError(f"{what} path '{path}' does not exist")
+    if not files:
+        raise DataError(f"{what} path '{path}' holds no files matching {', '.join(patterns)}")
+    return files
+
+
+# ----------------------------------------------------------------------------- base
+
+
+class Source:
+    """Base class: subclasses fill `scan_skipped` and implement the two views."""
+
+    kind = "base"
+
+    def __init__(self, src: SourceConfig, filt: FileFilter, max_repo_bytes: int = 0):
+        self.config = src
+        self.label = src.label()
+        self.filter = filt
+        self.max_repo_bytes = max_repo_bytes
+        self.scan_skipped: dict[str, int] = {}
+
+    # repositories
+    def num_repos(self) -> int:
+        raise NotImplementedError
+
+    def repo_name(self, i: int) -> str | None:
+        return None
+
+    def read_repo(self, i: int) -> RepoData:
+        raise NotImplementedError
+
+    # files
+    def num_files(self) -> int:
+        raise NotImplementedError
+
+    def file_repo_name(self, j: int) -> str | None:
+        return None
+
+    def read_file(self, j: int) -> RepoData:
+        raise NotImplementedError
+
+    def _cap_repo(self, data: RepoData) -> RepoData:
+        if self.max_repo_bytes:
+            total, kept = 0, []
+            for path, text in data.files:
+                total += len(text)
+                if total > self.max_repo_bytes and kept:
+                    _count(data.skipped, "repo_oversized")
+                    continue
+                kept.append((path, text))
+            data.files = kept
+        return data
+
+    def describe(self) -> str:
+        return f"{self.kind}:{self.label} ({self.num_repos()} repositories)"
+
+
+# ----------------------------------------------------------------------------- dir
+
+
+class DirSource(Source):
+    """A directory of repositories: each subdirectory one, or the directory itself one."""
+
+    kind = "dir"
+
+    def __init__(self, src: SourceConfig, filt: FileFilter, max_repo_bytes: int = 0):
+        super().__init__(src, filt, max_repo_bytes)
+        root = os.path.abspath(src.path)
+        if not os.path.isdir(root):
+            raise DataError(f"dir source '{src.path}' is not a directory" if os.path.exists(root)
+                            else f"dir source '{src.path}' does not exist")
+        self.root = root
+        layout = src.layout
+        top_files = [n for n in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, n))
+                     and filt.name_skip_reason(n) is None]
+        if layout == "auto":
+            layout = "repo" if top_files else "repos"
+        repos: list[tuple[str, str, list[str]]] = []  # (name, dir, relative paths)
+        if layout == "repo":
+            files = scan_tree(root, filt, self.scan_skipped)
+            repos.append((os.path.basename(root), root, [os.path.relpath(f, root) for f in files]))
+        else:
+            for d in sorted(os.listdir(root)):
+                full = os.path.join(root, d)
+                if not os.path.isdir(full):
+                    continue
+                reason = filt.dir_skip_reason(d)
+                if reason:
+                    _count(self.scan_skipped, f"{reason}_dir")
+                    continue
+                if src.include and not any(fnmatch.fnmatch(d, pat) for pat in src.include):
+                    continue
+                files = scan_tree(full, filt, self.scan_skipped)
+                if not files:
+                    _count(self.scan_skipped, "empty_repo")
+                    continue
+                repos.append((d, full, [os.path.relpath(f, full) for f in files]))
+            if top_files and (not src.include or any(fnmatch.fnmatch(os.path.basename(root), p) for p in src.include)):
+                loose = []
+                for n in top_files:
+                    size = os.stat(os.path.join(root, n)).st_size
+                    if size == 0:
+                        _count(self.scan_skipped, "empty")
+                    elif filt.max_file_bytes and size > filt.max_file_bytes:
+                        _count(self.scan_skipped, "oversized")
+                    else:
+                        loose.append(n)
+                if loose:
+                    repos.append((os.path.basename(root), root, loose))
+        self.repos = repos
+        counts = np.array([len(r[2]) for r in repos], dtype=np.int64)
+        self._file_repo = np.repeat(np.arange(len(repos), dtype=np.int64), counts)
+        self._file_offset = np.concatenate([[0], np.cumsum(counts)])[:-1] if len(repos) else np.zeros(0, np.int64)
+
+    def num_repos(self) -> int:
+        return len(self.repos)
+
+    def repo_name(self, i: int) -> str:
+        return self.repos[i][0]
+
+    def read_repo(self, i: int) -> RepoData:
+        name, base, rels = self.repos[i]
+        data = RepoData(name, [])
+        for rel in rels:
+            text, reason = self.filter.read_and_clean(os.path.join(base, rel))
+            if text is None:
+                _count(data.skipped, reason)
+            else:
+                data.files.append((rel.replace(os.sep, "/"), text))
+        return self._cap_repo(data)
+
+    def num_files(self) -> int:
+        return len(self._file_repo)
+
+    def file_repo_name(self, j: int) -> str:
+        return self.repos[int(self._file_repo[j])][0]
+
+    def read_file(self, j: int) -> RepoData:
+        r = int(self._file_repo[j])
+        name, base, rels = self.repos[r]
+        rel = rels[j - int(self._file_offset[r])]
+        text, reason = self.filter.read_and_clean(os.path.join(base, rel))
+        if text is None:
+            return RepoData(name, [], {reason: 1})
+        return RepoData(name, [(rel.replace(os.sep, "/"), text)])
+
+
+# ----------------------------------------------------------------------------- tables (jsonl, parquet)
+
+
+class _TableSource(Source):
+    """Rows = files (The Stack layout). Repository grouping needs the repo column at scan time."""
+
+    def __init__(self, src: SourceConfig, filt: FileFilter, max_repo_bytes: int, group_repos: bool):
+        super().__init__(src, filt, max_repo_bytes)
+        self.group_repos = group_repos
+        self._repos: list[tuple[str, np.ndarray]] = []  # (name, row ids)
+        self._rows = np.zeros(0, np.int64)  # row ids usable in the file view
+
+    def _group(self, names: list[str | None], keep: np.ndarray) -> None:
+        groups: dict[str, list[int]] = collections.OrderedDict()
+        singles: list[tuple[str, list[int]]] = []
+        for row in np.flatnonzero(keep):
+            name = names[row]
+            if name is None:
+                singles.append(("", [int(row)]))
+            else:
+                groups.setdefault(name, []).append(int(row))
+        self._repos = [(n, np.asarray(r, np.int64)) for n, r in list(groups.items()) + singles]
+
+    def num_repos(self) -> int:
+        return len(self._repos) if self.group_repos else len(self._rows)
+
+    def repo_name(self, i: int) -> str | None:
+        return (self._repos[i][0] or None) if self.group_repos else None
+
+    def num_files(self) -> int:
+        return len(self._rows)
+
+    # Subclasses: _read_row(row) -> (repo, path, language, content) or raises ValueError (malformed).
+    def _read_row(self, row: int):
+        raise NotImplementedError
+
+    def _row_to_file(self, row: int, data: RepoData) -> None:
+        try:
+            fields = self._read_row(row)
+            if fields is None:  # a blank line
+                return
+            repo, path, lang, content = fields
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            _count(data.skipped, "malformed")
+            return
+        except OSError:
+            _count(data.skipped, "unreadable")
+            return
+        if not data.name and repo:
+            data.name = repo
+        if not self.group_repos and not self.filter.row_selected(lang, path):
+            _count(data.skipped, "not_selected")
+            return
+        if content is not None and not isinstance(content, (str, bytes)):
+            _count(data.skipped, "malformed")
+            return
+        text, reason = self.filter.clean(content)
+        if text is None:
+            _count(data.skipped, reason)
+            return
+        data.files.append((path or "", text))
+
+    def read_repo(self, i: int) -> RepoData:
+        if not self.group_repos:
+            return self.read_file(i)
+        name, rows = self._repos[i]
+        data = RepoData(name, [])
+        for row in rows:
+            self._row_to_file(int(row), data)
+        return self._cap_repo(data)
+
+    def read_file(self, j: int) -> RepoData:
+        data = RepoData("", [])
+        self._row_to_file(int(self._rows[j]), data)
+        return data
+
+
+class JsonlSource(_TableSource):
+    """JSON lines, one file per line: {"content", "repo_name", "path", "language"} (keys configurable)."""
+
+    kind = "jsonl"
+
+    def __init__(self, src: SourceConfig, filt: FileFilter, max_repo_bytes: int = 0, group_repos: bool = True):
+        super().__init__(src, filt, max_repo_bytes, group_repos)
+        self.files = _expand(src.path, ("*.jsonl", "*.jsonl.gz", "*.ndjson"), "jsonl")
+        self._local = threading.local()
+        starts, ends, fids = [], [], []
+        for fid in range(len(self.files)):
+            try:
+                s, e = self._line_offsets(fid)
+            except OSError:
+                _count(self.scan_skipped, "unreadable")
+                continue
+            keep = (e - s) > 0
+            starts.append(s[keep]), ends.append(e[keep]), fids.append(np.full(int(keep.sum()), fid, np.int64))
+        self._start = np.concatenate(starts) if starts else np.zeros(0, np.int64)
+        self._end = np.concatenate(ends) if ends else np.zeros(0, np.int64)
+        self._fid = np.concatenate(fids) if fids else np.zeros(0, np.int64)
+        n = len(self._start)
+        if group_repos:
+            names: list[str | None] = [None] * n
+            keep = np.zeros(n, bool)
+            for row in range(n):
+                try:
+                    rec = self._parse(row)
+                    if rec is None:  # a blank line: not a record
+                        continue
+                    content_key = _detect_key(rec, src.content_key, CONTENT_KEYS)
+                    if content_key is None or content_key not in rec:
+                        raise ValueError("no content")
+                    repo_key = _detect_key(rec, src.repo_key, REPO_KEYS)
+                    path = rec.get(_detect_key(rec, src.path_key, PATH_KEYS) or "", None)
+                    lang = rec.get(_detect_key(rec, src.language_key, LANGUAGE_KEYS) or "", None)
+                except (ValueError, TypeError, UnicodeDecodeError):
+                    _count(self.scan_skipped, "malformed")
+                    continue
+                if not filt.row_selected(lang if isinstance(lang, str) else None, path if isinstance(path, str) else None):
+                    _count(self.scan_skipped, "not_selected")
+                    continue
+                repo = rec.get(repo_key) if repo_key else None
+                names[row] = str(repo) if repo is not None else None
+                keep[row] = True
+            self._group(names, keep)
+            self._rows = np.flatnonzero(keep)
+        else:
+            self._rows = np.arange(n, dtype=np.int64)
+
+    def _file_bytes(self, fid: int) -> bytes:
+        """A .gz file, decompressed into memory (plain files are read line by line with pread)."""
+        cache = self.__dict__.setdefault("_gz", {})
+        if fid not in cache:
+            with gzip.open(self.files[fid], "rb") as f:
+                cache[fid] = f.read()
+        return cache[fid]
+
+    def _line_offsets(self, fid: int) -> tuple[np.ndarray, np.ndarray]:
+        """(starts, ends) of the lines of one file, scanned in 64 MiB chunks."""
+        path = self.files[fid]
+        if path.endswith(".gz"):
+            buf = np.frombuffer(self._file_bytes(fid), np.uint8)
+            nl, size = np.flatnonzero(buf == 10), len(buf)
+        else:
+            parts, size = [], 0
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 26):
+                    parts.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + size)
+                    size += len(chunk)
+            nl = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        nl = nl.astype(np.int64)
+        return np.concatenate([[0], nl + 1]), np.concatenate([nl, [size]])
+
+    def _read_bytes(self, row: int) -> bytes:
+        fid, start, end = int(self._fid[row]), int(self._start[row]), int(self._end[row])
+        if self.files[fid].endswith(".gz"):
+            return bytes(self._file_bytes(fid)[start:end])
+        fds = self._local.__dict__.setdefault("fds", {})
+        if fid not in fds:
+            fds[fid] = os.open(self.files[fid], os.O_RDONLY)
+        return os.pread(fds[fid], end - start, start)
+
+    def _parse(self, row: int) -> dict | None:
+        raw = self._read_bytes(row)
+        if not raw.strip():
+            return None
+        rec = json.loads(raw)
+        if not isinstance(rec, dict):
+            raise ValueError("not an object")
+        return rec
+
+    def _read_row(self, row: int):
+        rec = self._parse(row)
+        if rec is None:
+            return None
+        src = self.config
+        content_key = _detect_key(rec, src.content_key, CONTENT_KEYS)
+        if content_key is None or content_key not in rec:
+            raise ValueError("no content")
+        repo_key = _detect_key(rec, src.repo_key, REPO_KEYS)
+        path_key = _detect_key(rec, src.path_key, PATH_KEYS)
+        lang_key = _detect_key(rec, src.language_key, LANGUAGE_KEYS)
+        repo = rec.get(repo_key) if repo_key else None
+        path = rec.get(path_key) if path_key else None
+        lang = rec.get(lang_key) if lang_key else None
+        return (None if repo is None else str(repo), None if path is None else str(path),
+                lang if isinstance(lang, str) else None, rec[content_key])
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_gz", None)
+        state["_local"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+
+class ParquetSource(_TableSource):
+    """Parquet in The Stack's layout; random access through a small row-group cache.
+
+    Fine for local corpora; for large shuffled runs convert to ArrayRecord with
+    `python -m sc_jax.data.tfds_builder` (row groups are read whole)."""
+
+    kind = "parquet"
+    _CACHE = 4
+
+    def __init__(self, src: SourceConfig, filt: FileFilter, max_repo_bytes: int = 0, group_repos: bool = True):
+        super().__init__(src, filt, max_repo_bytes, group_repos)
+        import pyarrow.parquet as pq
+
+        self.files = _expand(src.path, ("*.parquet",), "parquet")
+        self._lock = threading.Lock()
+        self._cache: collections.OrderedDict = collections.OrderedDict()
+        self._rg: list[tuple[int, int, int]] = []  # (file, row group, first global row)
+        self._cols: list[dict[str, str | None]] = []
+        total = 0
+        names: list[str | None] = []
+        keep_parts: list[np.ndarray] = []
+        for fid, path in enumerate(self.files):
+            try:
+                pf = pq.ParquetFile(path)
+            except Exception:  # pyarrow raises ArrowInvalid / OSError on bad files
+                _count(self.scan_skipped, "unreadable")
+                self._cols.append({})
+                continue
+            schema = set(pf.schema_arrow.names)
+
+            def pick(configured, candidates):
+                if configured:
+                    return configured if configured in schema else None
+                return next((c for c in candidates if c in schema), None)
+
+            cols = {"content": pick(src.content_key, CONTENT_KEYS), "repo": pick(src.repo_key, REPO_KEYS),
+                    "path": pick(src.path_key, PATH_KEYS), "language": pick(src.language_key, LANGUAGE_KEYS)}
+            self._cols.append(cols)
+            n = pf.metadata.num_rows
+            if cols["content"] is None:
+                _count(self.scan_skipped, "malformed", n)
+                continue
+            for rg in range(pf.metadata.num_row_groups):
+                self._rg.append((fid, rg, total))
+                total += pf.metadata.row_group(rg).num_rows
+            meta_cols = [c for c in (cols["repo"], cols["path"], cols["language"]) if c]
+            keep = np.ones(n, bool)
+            if group_repos:
+                table = pf.read(columns=meta_cols) if meta_cols else None
+                repo = table.column(cols["repo"]).to_pylist() if cols["repo"] else [None] * n
+                path_ = table.column(cols["path"]).to_pylist() if cols["path"] else [None] * n
+                lang = table.column(cols["language"]).to_pylist() if cols["language"] else [None] * n
+                for k in range(n):
+                    if not filt.row_selected(lang[k], path_[k]):
+                        keep[k] = False
+                        _count(self.scan_skipped, "not_selected")
+                names.extend(None if r is None else str(r) for r in repo)
+            keep_parts.append(keep)
+        self._rg_start = np.array([r[2] for r in self._rg], dtype=np.int64)
+        keep = np.concatenate(keep_parts) if keep_parts else np.zeros(0, bool)
+        if group_repos:
+            self._group(names, keep)
+        self._rows = np.flatnonzero(keep)
+
+    def _row_group(self, idx: int):
+        with self._lock:
+            if idx in self._cache:
+                self._cache.move_to_end(idx)
+                return self._cache[idx]
+        import pyarrow.parquet as pq
+
+        fid, rg, _ = self._rg[idx]
+        cols = self._cols[fid]
+        table = pq.ParquetFile(self.files[fid]).read_row_group(rg, columns=[c for c in cols.values() if c])
+        data = {k: (table.column(c) if c else None) for k, c in cols.items()}
+        with self._lock:
+            self._cache[idx] = data
+            while len(self._cache) > self._CACHE:
+                self._cache.popitem(last=False)
+        return data
+
+    def _read_row(self, row: int):
+        idx = int(np.searchsorted(self._rg_start, row, side="right") - 1)
+        data = self._row_group(idx)
+        k = row - int(self._rg_start[idx])
+
+        def get(key):
+            col = data[key]
+            return None if col is None else col[k].as_py()
+
+        repo, path, lang = get("repo"), get("path"), get("language")
+        return (None if repo is None else str(repo), None if path is None else str(path),
+                lang if isinstance(lang, str) else None, get("content"))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_lock"] = None
+        state["_cache"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._cache = collections.OrderedDict()
+
+
+# ----------------------------------------------------------------------------- tfds / ArrayRecord
+
+
+def open_tfds_data_source(path: str, split: str, name: str = "code_repositories"):
+    """`tfds.data_source` over ArrayRecord files (no TensorFlow needed)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        if os.path.isfile(os.path.join(path, "dataset_info.json")):
+            return tfds.builder_from_directory(path).as_data_source(split=split)
+        return tfds.data_source(name, data_dir=path, split=split)
+    except Exception as e:  # tfds raises many kinds (DatasetNotFoundError, ValueError, ...)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"tfds source '{path}' (split '{split}'): {first}") from None
+
+
+def _text(x) -> str:
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+class TfdsSource(Source):
+    """ArrayRecord files written by `sc_jax.data.tfds_builder`: one record per repository."""
+
+    kind = "tfds"
+
+    def __init__(self, src: SourceConfig, filt: FileFilter, max_repo_bytes: int = 0, group_repos: bool = True):
+        super().__init__(src, filt, max_repo_bytes)
+        if not os.path.exists(src.path):
+            raise DataError(f"tfds source '{src.path}' does not exist")
+        self._ds = open_tfds_data_source(src.path, src.split, src.tfds_name)
+        self._n = len(self._ds)
+        self.group_repos = group_repos
+        self._file_rec = np.zeros(0, np.int64)
+        self._file_k = np.zeros(0, np.int64)
+        if not group_repos:  # the file view needs the per-record file counts: one pass over the records
+            counts = np.array([len(self._ds[i]["files"]["path"]) for i in range(self._n)], dtype=np.int64)
+            self._file_rec = np.repeat(np.arange(self._n, dtype=np.int64), counts)
+            self._file_k = np.concatenate([np.arange(c) for c in counts]) if self._n else np.zeros(0, np.int64)
+
+    def _record(self, i: int) -> dict:
+        if self._ds is None:
+            self._ds = open_tfds_data_source(self.config.path, self.config.split, self.config.tfds_name)
+        return self._ds[i]
+
+    def num_repos(self) -> int:
+        return self._n
+
+    def _files(self, rec: dict, data: RepoData, only: int | None = None) -> None:
+        files = rec["files"]
+        paths, contents = files["path"], files["content"]
+        langs = files.get("language", [None] * len(paths))
+        for k in range(len(paths)) if only is None else [only]:
+            path = _text(paths[k])
+            lang = _text(langs[k]) if langs[k] is not None else None
+            if not self.filter.row_selected(lang, path):
+                _count(data.skipped, "not_selected")
+                continue
+            text, reason = self.filter.clean(contents[k])
+            if text is None:
+                _count(data.skipped, reason)
+            else:
+                data.files.append((path, text))
+
+    def read_repo(self, i: int) -> RepoData:
+        try:
+            rec = self._record(i)
+            data = RepoData(_text(rec["repo_name"]), [])
+            self._files(rec, data)
+        except (KeyError, TypeError, ValueError):
+            return RepoData("", [], {"malformed": 1})
+        return self._cap_repo(data)
+
+    def num_files(self) -> int:
+        return len(self._file_rec)
+
+    def read_file(self, j: int) -> RepoData:
+        try:
+            rec = self._record(int(self._file_rec[j]))
+            data = RepoData(_text(rec["repo_name"]), [])
+            self._files(rec, data, only=int(self._file_k[j]))
+        except (KeyError, TypeError, ValueError, IndexError):
+            return RepoData("", [], {"malformed": 1})
+        return data
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_ds"] = None  # reopened lazily in each worker process
+        return state
+
+
+# ----------------------------------------------------------------------------- factory
+
+_KINDS = {"dir": DirSource, "jsonl": JsonlSource, "parquet": ParquetSource, "tfds": TfdsSource}
+
+
+def open_source(src: SourceConfig, cfg: DataConfig, *, group_repos: bool = True) -> Source:
+    """Opens (scans) one source. `group_repos=False` when documents are per file."""
+    filt = FileFilter.from_config(cfg, src)
+    cls = _KINDS[src.kind]
+    if cls is DirSource:
+        return cls(src, filt, cfg.max_repo_bytes)
+    return cls(src, filt, cfg.max_repo_bytes, group_repos=group_repos)
