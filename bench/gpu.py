@@ -103,11 +103,12 @@ def main():
         results["attention"] = attention_parity()
     runs = []
     for part in parts:  # e.g. 4k-b4-chunked: context, batch, attention (full remat)
-        if part.count("-") == 2 and part[0].isdigit():
-            ctx, batch, attn = part.split("-")
+        if part.count("-") in (2, 3) and part[0].isdigit():  # optional 4th field: the remat policy
+            ctx, batch, attn, *remat = part.split("-")
             seq = int(ctx.rstrip("k")) * 1024
             runs.append(train_run(f"3b-{part}", f"train.seq_len={seq}", f"train.global_batch_size={batch[1:]}",
-                                  "model.remat=full", f"model.attention={attn}", steps=8 if seq <= 4096 else 5))
+                                  f"model.remat={(remat or ['full'])[0]}", f"model.attention={attn}",
+                                  steps=8 if seq <= 4096 else 5))
     if runs:
         print("\n## stable-code-3b train step (AdamW fp32 master + moments, bf16 compute), one device")
         print("| run | tokens/s | TFLOP/s | MFU | peak GiB (process so far) | loss first -> last | wall s |")

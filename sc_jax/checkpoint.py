@@ -14,6 +14,7 @@ a crash never leaves a half-written step that looks valid.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,8 @@ import orbax.checkpoint as ocp
 from sc_jax.config import ConfigError, ModelConfig, from_dict
 
 CHECKPOINTS = "checkpoints"
+# orbax reports every read-only open and every item it was not asked to restore at WARNING.
+logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 def manager(directory: str, *, save_every: int = 1, keep: int | None = None, keep_period: int | None = None,

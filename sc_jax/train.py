@@ -468,7 +468,7 @@ def run(cfg: Config, *, on_step=None) -> dict:
                 rec["mfu"] = flops_step / dt / (peak * n_dev)
         summary["first_loss"] = summary["first_loss"] if summary["first_loss"] is not None else rec["loss"]
         summary["last_loss"] = rec["loss"]
-        if step_no % t.log_every == 0 or step_no == t.steps:
+        if step_no % t.log_every == 0 or step_no == t.steps or step_no == start + 1:
             log.write(rec)
         if on_step:
             on_step(rec)
