@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -100,25 +98,12 @@ def load_params(path: str, step: int | None = None, target: Any = None) -> tuple
 
 
 def save_params(out_dir: str, params: Any, model_cfg: ModelConfig, step: int = 0) -> None:
-    """Writes a parameters-only checkpoint to out_dir atomically (temporary dir, then rename)."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise ConfigError(f"output directory '{out_dir}' exists and is not empty: choose a new --out")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-ckpt-", dir=parent)
-    try:
-        with manager(tmp, async_save=False) as mngr:
-            mngr.save(step, args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params),
-                model=ocp.args.JsonSave(dataclasses.asdict(model_cfg))))
-            mngr.wait_until_finished()
-        if os.path.exists(out_dir):
-            os.rmdir(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Writes a parameters-only checkpoint into the (new or empty) directory out_dir."""
+    with manager(out_dir, async_save=False) as mngr:
+        mngr.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            model=ocp.args.JsonSave(dataclasses.asdict(model_cfg))))
+        mngr.wait_until_finished()
 
 
 def to_numpy(tree):

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from typing import Callable, Iterator
 
@@ -24,6 +23,7 @@ import ml_dtypes
 import numpy as np
 
 from sc_jax.config import ConfigError, ModelConfig
+from sc_jax.fileio import atomic_directory
 from sc_jax.hf_io import HFCheckpoint, write_sharded
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
@@ -141,12 +141,7 @@ def save_hf(out_dir: str, cfg: ModelConfig, params: dict, dtype: str = "bfloat16
     directory that is renamed to out_dir only when complete."""
     if dtype not in NP_DTYPES:
         raise ConfigError(f"--dtype must be one of {sorted(NP_DTYPES)}, got '{dtype}'")
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise ConfigError(f"output directory '{out_dir}' exists and is not empty: choose a new --out")
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-hf-", dir=os.path.dirname(out_dir))
-    try:
+    with atomic_directory(out_dir) as tmp:
         hf_cfg = cfg.to_hf_dict()
         hf_cfg["torch_dtype"] = dtype
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -156,12 +151,7 @@ def save_hf(out_dir: str, cfg: ModelConfig, params: dict, dtype: str = "bfloat16
         write_sharded(tmp, params_to_hf(cfg, params, NP_DTYPES[dtype]), int(max_shard_gb * 2**30))
         if tokenizer_from:
             copy_tokenizer(tokenizer_from, tmp)
-        if os.path.exists(out_dir):
-            os.rmdir(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            _tokenizer_config(tmp)
 
 
 def copy_tokenizer(src: str, dst_dir: str) -> list[str]:
@@ -196,11 +186,12 @@ def hf_to_orbax(hf_dir: str, out_dir: str) -> None:
     n = sum(a.size for a in _leaves(params))
     print(f"  {n:,} parameters, {cfg.num_hidden_layers} layers ({time.time() - t0:.1f}s); writing orbax to {out_dir} ...",
           flush=True)
-    checkpoint.save_params(out_dir, params, cfg)
-    tok_dir = os.path.join(out_dir, "tokenizer")
-    os.makedirs(tok_dir, exist_ok=True)
-    if not copy_tokenizer(hf_dir, tok_dir):
-        os.rmdir(tok_dir)
+    with atomic_directory(out_dir) as tmp:
+        checkpoint.save_params(tmp, params, cfg)
+        tok_dir = os.path.join(tmp, "tokenizer")
+        os.makedirs(tok_dir)
+        if not copy_tokenizer(hf_dir, tok_dir):
+            os.rmdir(tok_dir)
     print(f"done in {time.time() - t0:.1f}s: {out_dir}")
 
 
@@ -226,7 +217,6 @@ def orbax_to_hf(ckpt: str, out_dir: str, step: int | None = None, dtype: str = "
           flush=True)
     tokenizer = tokenizer or find_tokenizer(ckpt)
     save_hf(out_dir, cfg, checkpoint.to_numpy(params), dtype=dtype, tokenizer_from=tokenizer)
-    _tokenizer_config(out_dir)
     print(f"done in {time.time() - t0:.1f}s: {out_dir}" + ("" if tokenizer else " (no tokenizer found to copy)"))
 
 

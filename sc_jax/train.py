@@ -476,42 +476,45 @@ def run(cfg: Config, *, on_step=None) -> dict:
     def run_eval():
         return evaluate(cfg, s, state, make_data(cfg, cfg.model.vocab_size, pi, pc, tokenizer, eval_=True), to_global)
 
-    with _Preemption() as preempt, sharding.activation_rules(s.mesh, s.rules):
-        for step_no in range(start + 1, t.steps + 1):
-            batch = to_global(next(data))
-            state, metrics = s.step_fn(state, batch)
+    try:
+        with _Preemption() as preempt, sharding.activation_rules(s.mesh, s.rules):
+            for step_no in range(start + 1, t.steps + 1):
+                batch = to_global(next(data))
+                state, metrics = s.step_fn(state, batch)
+                if pending:
+                    fetch(pending)
+                pending = (step_no, metrics, step_no > start + 1)
+                log.advance()
+                if mngr and (mngr.should_save(step_no) or step_no == t.steps):
+                    checkpoint.save_train_state(mngr, step_no, state, cfg.model,
+                                                {"data_state": data.get_state(), "config": to_dict(cfg)},
+                                                force=step_no == t.steps)
+                if t.eval_every and t.eval_batches and step_no % t.eval_every == 0:
+                    fetch(pending)
+                    pending = None
+                    summary["eval_loss"] = run_eval()
+                    log.write({"step": step_no, "eval_loss": summary["eval_loss"]})
+                _fault_injection_pause(step_no, preempt)
+                if _preempted(preempt, step_no, pc):
+                    stopped_by = preempt.signal or "preemption"
+                    break
+                if t.stop_after_steps and step_no - start >= t.stop_after_steps and step_no < t.steps:
+                    stopped_by = "train.stop_after_steps"
+                    break
             if pending:
                 fetch(pending)
-            pending = (step_no, metrics, step_no > start + 1)
-            log.advance()
-            if mngr:
+            if stopped_by and mngr and step_no not in mngr.all_steps():
                 checkpoint.save_train_state(mngr, step_no, state, cfg.model,
-                                            {"data_state": data.get_state(), "config": to_dict(cfg)},
-                                            force=step_no == t.steps)
-            if t.eval_every and t.eval_batches and step_no % t.eval_every == 0:
-                fetch(pending)
-                pending = None
+                                            {"data_state": data.get_state(), "config": to_dict(cfg)}, force=True)
+            if t.eval_batches and not stopped_by and (not t.eval_every or t.steps % t.eval_every):
                 summary["eval_loss"] = run_eval()
-                log.write({"step": step_no, "eval_loss": summary["eval_loss"]})
-            _fault_injection_pause(step_no, preempt)
-            if _preempted(preempt, step_no, pc):
-                stopped_by = preempt.signal or "preemption"
-                break
-            if t.stop_after_steps and step_no - start >= t.stop_after_steps and step_no < t.steps:
-                stopped_by = "train.stop_after_steps"
-                break
-        if pending:
-            fetch(pending)
-        if stopped_by and mngr and step_no not in mngr.all_steps():
-            checkpoint.save_train_state(mngr, step_no, state, cfg.model,
-                                        {"data_state": data.get_state(), "config": to_dict(cfg)}, force=True)
-        if t.eval_batches and not stopped_by and (not t.eval_every or t.steps % t.eval_every):
-            summary["eval_loss"] = run_eval()
-            log.write({"step": t.steps, "eval_loss": summary["eval_loss"]})
-    if mngr:
-        mngr.wait_until_finished()
-        mngr.close()
-    log.close()
+                log.write({"step": t.steps, "eval_loss": summary["eval_loss"]})
+        if mngr:
+            mngr.wait_until_finished()
+    finally:  # a failed run must not leave an open checkpoint manager or event file
+        if mngr:
+            mngr.close()
+        log.close()
     final = int(jax.device_get(state["step"]))
     if stopped_by:
         log_fn(f"stopped by {stopped_by} at step {final}: checkpoint saved in {run_dir}; rerun the same command to resume")
