@@ -166,12 +166,20 @@ def copy_tokenizer(src: str, dst_dir: str) -> list[str]:
 
 
 def _tokenizer_config(dst_dir: str) -> None:
-    """A minimal tokenizer_config.json so AutoTokenizer loads a bare tokenizer.json."""
+    """A minimal tokenizer_config.json so AutoTokenizer loads a bare tokenizer.json
+    (with our ChatML template when the tokenizer has the chat tokens)."""
     path = os.path.join(dst_dir, "tokenizer_config.json")
-    if os.path.exists(os.path.join(dst_dir, "tokenizer.json")) and not os.path.exists(path):
+    tok_path = os.path.join(dst_dir, "tokenizer.json")
+    if os.path.exists(tok_path) and not os.path.exists(path):
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                  "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+        with open(tok_path) as f:
+            if '"<|im_start|>"' in f.read():
+                from sc_jax.instruct.chat import CHAT_TEMPLATE
+
+                config["chat_template"] = CHAT_TEMPLATE
         with open(path, "w") as f:
-            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-                       "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f, indent=2)
+            json.dump(config, f, indent=2)
 
 
 # ----------------------------------------------------------------------------- CLI

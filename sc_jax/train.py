@@ -425,6 +425,9 @@ def run(cfg: Config, *, on_step=None) -> dict:
 
     tokens_per_step = t.global_batch_size * t.seq_len
     flops_step = flops_per_token(cfg.model, t.seq_len) * tokens_per_step
+    if t.task == "dpo":  # each row is a chosen and a rejected sequence, each also run forward by the reference
+        tokens_per_step *= 2
+        flops_step *= 2 * 8 / 6
     kind = cfg.logging.device_kind or jax.devices()[0].device_kind
     peak = peak_flops(kind)
     n_dev = jax.device_count()

@@ -110,6 +110,7 @@ class DataConfig:
     tokenizer: str = ""  # a tokenizer.json (or a directory holding one)
     # Special-token spellings when a foreign tokenizer names them differently, e.g. {"<repo_name>": "<reponame>"}.
     special_tokens: dict[str, str] = dataclasses.field(default_factory=dict)
+    strict: bool = False  # sft/dpo: a malformed JSONL record stops the run with path:line
 
     # Documents
     document: str = "repository"  # repository | file
