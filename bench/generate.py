@@ -1,0 +1,191 @@
+"""Decode throughput: sc_jax.generate against `transformers` generate, same weights, same batch.
+
+    python bench/generate.py [--hidden 512 --layers 8 --heads 8 --intermediate 1376 --vocab 50304
+                              --batch 8 --prompt-len 64 --new-tokens 128 --repeats 3 --dtype float32]
+    python bench/generate.py --preset stable-code-3b --dtype bfloat16 --no-hf     # ours alone (GPU)
+
+Builds a random StableLM of the given size with `transformers`, saves it, converts it
+with sc_jax.convert.load_hf, and runs greedy generation of a batch of prompts of
+different lengths (left-padded on both sides) with no stop token, so both produce
+exactly batch x new-tokens tokens. Runs alternate between the two and the best of
+--repeats counts (compilation excluded, shown separately). Reports end-to-end tokens/s
+and decode-only tokens/s (the time of a 1-token run, i.e. the prefill, subtracted),
+and how many rows came out token-for-token identical. transformers runs on the GPU
+when JAX does and torch sees one, else on the CPU with --threads threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def profile(fn, steps: int, top: int = 15) -> None:
+    """Runs fn under the JAX profiler and prints the XLA ops that took longest, per step."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import re
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            fn()
+        (path,) = glob.glob(os.path.join(tmp, "**", "*perfetto_trace.json.gz"), recursive=True)
+        events = json.load(gzip.open(path))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    total: collections.Counter = collections.Counter()
+    count: collections.Counter = collections.Counter()
+    for e in events:
+        name = e.get("name", "")
+        if e.get("ph") != "X" or name.startswith("$") or "Execute" in name or "Await" in name or "asarray" in name:
+            continue
+        name = re.sub(r"\.\d+$", "", name)
+        total[name] += e.get("dur", 0)
+        count[name] += 1
+    print(f"\nsc_jax, XLA ops by time (ms per decode step, ops per step):")
+    for name, us in total.most_common(top):
+        print(f"  {us / steps / 1000:7.3f} ms  x{count[name] / steps:6.1f}  {name[:90]}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default=None, help="a sc_jax model preset (e.g. stable-code-3b) instead of the sizes")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=None, help="default: --heads (MHA, as Stable Code 3B)")
+    p.add_argument("--intermediate", type=int, default=1376)
+    p.add_argument("--vocab", type=int, default=50304)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=64, help="longest prompt; the others are shorter")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch intra-op threads")
+    p.add_argument("--no-hf", action="store_true", help="time sc_jax alone (random weights from our own init)")
+    p.add_argument("--profile", action="store_true", help="also print sc_jax's most expensive XLA ops per step")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    import jax
+    import torch
+
+    from sc_jax.config import ModelConfig, model_preset
+    from sc_jax.generate import Generator
+
+    if args.preset:
+        cfg = model_preset(args.preset)
+    else:
+        cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                          num_key_value_heads=args.kv_heads or args.heads, rope_theta=1e6,
+                          max_position_embeddings=4096).validate()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    hf = None
+    if args.no_hf:
+        from flax import nnx
+
+        from sc_jax import model as M
+
+        params = nnx.split(M.create_model(cfg, seed=args.seed))[1].to_pure_dict()
+    else:
+        import transformers
+
+        from sc_jax.convert import load_hf
+
+        hf = transformers.StableLmForCausalLM(transformers.StableLmConfig(**cfg.to_hf_dict())).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            hf.save_pretrained(tmp, safe_serialization=True)
+            cfg, params = load_hf(tmp)
+        hf_device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+        hf = hf.to(device=hf_device, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype])
+    gen = Generator(cfg, params, dtype=args.dtype, batch_size=args.batch)
+    del params
+
+    rng = np.random.RandomState(args.seed)
+    lengths = np.linspace(max(1, args.prompt_len // 2), args.prompt_len, args.batch).astype(int)
+    prompts = [rng.randint(1, cfg.vocab_size, size=n).tolist() for n in lengths]
+    B, N = args.batch, args.new_tokens
+    print(f"model: {cfg.num_params() / 1e6:.1f}M params (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+          f"{cfg.num_attention_heads} heads, vocab {cfg.vocab_size}), {args.dtype}; batch {B}, prompts "
+          f"{lengths.min()}-{lengths.max()} tokens, {N} new tokens; jax {jax.__version__} on {jax.devices()[0].device_kind}"
+          + ("" if hf is None else f", torch {torch.__version__} on {hf.device} ({args.threads} threads)")
+          + f"; {len(os.sched_getaffinity(0))} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+
+    def ours(n):
+        return gen.generate_ids(prompts, max_new_tokens=n, stop_tokens=())
+
+    t0 = time.perf_counter()
+    ours(N), ours(1)
+    compile_s = time.perf_counter() - t0
+    runs = {"ours": lambda: ours(N), "ours_pre": lambda: ours(1)}
+
+    if hf is not None:  # left-padded batch with an attention mask, greedy, no early stop
+        P = max(lengths)
+        ids = torch.zeros((B, P), dtype=torch.long)
+        mask = torch.zeros((B, P), dtype=torch.long)
+        for r, pr in enumerate(prompts):
+            ids[r, P - len(pr):] = torch.tensor(pr)
+            mask[r, P - len(pr):] = 1
+        ids, mask = ids.to(hf.device), mask.to(hf.device)
+
+        def theirs(n):
+            with torch.no_grad():
+                out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                  pad_token_id=0, eos_token_id=0)
+            return out[:, P:].tolist()  # .tolist() waits for the GPU
+
+        theirs(4)  # warm-up
+        runs.update(hf=lambda: theirs(N), hf_pre=lambda: theirs(1))
+
+    # Interleaved, best of --repeats each: a busy machine slows both alike.
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    outs: dict = {}
+    for _ in range(args.repeats):
+        for name, fn in runs.items():
+            t, outs[name] = timed(fn)
+            times[name].append(t)
+    best = {k: min(v) for k, v in times.items()}
+    assert all(len(o) == N for o in outs["ours"])
+
+    def row(name, total, pre, extra=""):
+        return name, total, B * N / total, B * (N - 1) / max(total - pre, 1e-9), extra
+
+    rows = [row("sc_jax generate", best["ours"], best["ours_pre"], f"compile {compile_s:.1f}s")]
+    if hf is not None:
+        rows.insert(0, row(f"transformers ({hf.device.type})", best["hf"], best["hf_pre"]))
+    print()
+    print(f"| {'implementation':<22} | {'time (s)':>8} | {'tokens/s':>9} | {'decode tokens/s':>15} | note")
+    print(f"|{'-' * 24}|{'-' * 10}|{'-' * 11}|{'-' * 17}|------")
+    for name, total, e2e, dec, extra in rows:
+        print(f"| {name:<22} | {total:8.2f} | {e2e:9.1f} | {dec:15.1f} | {extra}")
+    if hf is not None:
+        print(f"| {'ratio (sc_jax / HF)':<22} | {'':8} | {rows[1][2] / rows[0][2]:8.2f}x | "
+              f"{rows[1][3] / rows[0][3]:14.2f}x |")
+        same = sum(a == b for a, b in zip(outs["ours"], outs["hf"]))
+        print(f"\ngreedy outputs identical for {same}/{B} rows (rounding can flip a near-tie and diverge after it)")
+    if args.profile:
+        profile(lambda: ours(N), N)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end (other work on the machine slows transformers' threads most)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
