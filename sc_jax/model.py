@@ -313,10 +313,11 @@ def chunked_attention(q, k, v, mask: AttentionMask, chunk: int = 1024):
 
 
 def use_cudnn(cfg: ModelConfig) -> bool:
-    """cuDNN only when asked for: measured on an H100 (bench/gpu.py), the fused call under
-    remat kept ~3.4 MB/token of residuals (stable-code-3b, seq 4096, batch 2 ran out of
-    80 GB) while `chunked` fits batch 4 at 51.6 GB. `auto` therefore picks `chunked` on
-    accelerators."""
+    """cuDNN only when asked for. Measured on an H100 (bench/gpu.py, stable-code-3b, seq
+    4096): the step with the fused call needs ~3.4 MB/token more memory than with
+    `chunked`, with remat (batch 2 ran out of 80 GB where chunked fits batch 4 at 51.6 GB)
+    and without (batch 1: 51.6 vs 38.0 GB of temporaries), although the attention kernel
+    alone is 2.2x faster. `auto` therefore picks `chunked` on accelerators."""
     return cfg.attention == "cudnn"
 
 
