@@ -58,7 +58,7 @@ def profile(fn, steps: int, top: int = 15) -> None:
         name = re.sub(r"\.\d+$", "", name)
         total[name] += e.get("dur", 0)
         count[name] += 1
-    print(f"\nsc_jax, XLA ops by time (ms per decode step, ops per step):")
+    print("\nsc_jax, XLA ops by time (ms per decode step, ops per step):")
     for name, us in total.most_common(top):
         print(f"  {us / steps / 1000:7.3f} ms  x{count[name] / steps:6.1f}  {name[:90]}")
 

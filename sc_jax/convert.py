@@ -34,7 +34,7 @@ NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": n
 # Per-layer tensors: (our path under model.layers, HF name under model.layers.{i}, to_hf, from_hf).
 # to_hf maps one layer's array [our shape] -> HF array; from_hf the inverse.
 def _layer_map(cfg: ModelConfig) -> list[tuple[str, str, Callable, Callable]]:
-    E, H, K, D, M = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size
+    E, H, K, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     same = (lambda a: a, lambda a: a)
     T = (lambda a: a.T, lambda a: a.T)
 
@@ -62,7 +62,6 @@ def _layer_map(cfg: ModelConfig) -> list[tuple[str, str, Callable, Callable]]:
         entries += [("self_attn.q_bias", "self_attn.q_proj.bias", *bias(H)),
                     ("self_attn.k_bias", "self_attn.k_proj.bias", *bias(K)),
                     ("self_attn.v_bias", "self_attn.v_proj.bias", *bias(K))]
-    del M
     return entries
 
 

@@ -9,8 +9,6 @@ The train loop only sees `make_iterator`, `loss_fn` and `eval_fn`.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 from sc_jax.step import loss_sums
 
 
@@ -54,6 +52,3 @@ def eval_fn(cfg, graphdef):
 
     return f
 
-
-def perplexity(loss: float) -> float:
-    return float(jnp.exp(loss))

@@ -264,7 +264,23 @@ class _Preemption:
             signal.signal(sig, old)
 
 
-def setup(cfg: Config, *, abstract_only: bool = False):
+@dataclasses.dataclass
+class Setup:
+    """Everything a run (or a plan) derives from its config before touching data."""
+
+    mesh: Any
+    rules: dict
+    graphdef: Any
+    abs_state: dict  # ShapeDtypeStructs of {step, params, opt_state[, ref_params]}
+    state_sh: dict  # their NamedShardings
+    batch_sh: Any
+    tx: Any
+    schedule: Any
+    step_fn: Any  # jitted (state, batch) -> (state, metrics), state donated
+    param_sh: Any
+
+
+def setup(cfg: Config) -> Setup:
     """The mesh, shardings, optimizer and jitted step for `cfg` (shared with sc_jax.plan)."""
     import jax
     from flax import nnx
@@ -297,9 +313,7 @@ def setup(cfg: Config, *, abstract_only: bool = False):
     step = make_train_step(graphdef, tx, schedule, micro_batches=cfg.train.micro_batches, z_loss=cfg.train.z_loss,
                            loss_fn=loss_fn)
     step_fn = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0)
-    return dataclasses.make_dataclass("Setup", ["mesh", "rules", "graphdef", "abs_state", "state_sh", "batch_sh",
-                                                "tx", "schedule", "step_fn", "param_sh"])(
-        mesh, rules, graphdef, abs_train_state, state_sh, batch_sh, tx, schedule, step_fn, param_sh)
+    return Setup(mesh, rules, graphdef, abs_train_state, state_sh, batch_sh, tx, schedule, step_fn, param_sh)
 
 
 def _opt_shardings(tx, abs_opt, param_sh, replicated):
@@ -496,7 +510,8 @@ def run(cfg: Config, *, on_step=None) -> dict:
                     fetch(pending)
                     pending = None
                     summary["eval_loss"] = run_eval()
-                    log.write({"step": step_no, "eval_loss": summary["eval_loss"]})
+                    log.write({"step": step_no, "eval_loss": summary["eval_loss"],
+                               "eval_perplexity": math.exp(min(summary["eval_loss"], 50.0))})
                 _fault_injection_pause(step_no, preempt)
                 if _preempted(preempt, step_no, pc):
                     stopped_by = preempt.signal or "preemption"
@@ -511,7 +526,8 @@ def run(cfg: Config, *, on_step=None) -> dict:
                                             {"data_state": data.get_state(), "config": to_dict(cfg)}, force=True)
             if t.eval_batches and not stopped_by and (not t.eval_every or t.steps % t.eval_every):
                 summary["eval_loss"] = run_eval()
-                log.write({"step": t.steps, "eval_loss": summary["eval_loss"]})
+                log.write({"step": t.steps, "eval_loss": summary["eval_loss"],
+                           "eval_perplexity": math.exp(min(summary["eval_loss"], 50.0))})
         if mngr:
             mngr.wait_until_finished()
     finally:  # a failed run must not leave an open checkpoint manager or event file

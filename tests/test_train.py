@@ -24,7 +24,7 @@ BASE = ["model.preset=tiny", "train.data=synthetic", "train.steps=4", "train.seq
 
 def losses(tmp_path, name, *overrides):
     cfg = load_config(None, BASE + [f"train.run_dir={tmp_path / name}", *overrides])
-    summary = run(cfg)
+    run(cfg)
     with open(tmp_path / name / "metrics.jsonl") as f:
         return [json.loads(line)["loss"] for line in f]
 
