@@ -194,7 +194,8 @@ def _detect_key(record: dict, configured: str, candidates: tuple[str, ...]) -> s
     return None
 
 
-def _expand(path: str, patterns: tuple[str, ...], what: str) -> list[str]:
+def expand_paths(path: str, patterns: tuple[str, ...], what: str) -> list[str]:
+    """A file, a glob, or a directory (its files matching `patterns`, recursively), sorted."""
     if os.path.isdir(path):
         files = sorted({f for p in patterns for f in glob.glob(os.path.join(path, "**", p), recursive=True)})
     elif any(c in path for c in "*?["):
@@ -433,7 +434,7 @@ class JsonlSource(_TableSource):
 
     def __init__(self, src: SourceConfig, filt: FileFilter, max_repo_bytes: int = 0, group_repos: bool = True):
         super().__init__(src, filt, max_repo_bytes, group_repos)
-        self.files = _expand(src.path, ("*.jsonl", "*.jsonl.gz", "*.ndjson"), "jsonl")
+        self.files = expand_paths(src.path, ("*.jsonl", "*.jsonl.gz", "*.ndjson"), "jsonl")
         self._local = threading.local()
         starts, ends, fids = [], [], []
         for fid in range(len(self.files)):
@@ -559,7 +560,7 @@ class ParquetSource(_TableSource):
         super().__init__(src, filt, max_repo_bytes, group_repos)
         import pyarrow.parquet as pq
 
-        self.files = _expand(src.path, ("*.parquet",), "parquet")
+        self.files = expand_paths(src.path, ("*.parquet",), "parquet")
         self._lock = threading.Lock()
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._rg: list[tuple[int, int, int]] = []  # (file, row group, first global row)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ import numpy as np
 from sc_jax.config import ConfigError
 from sc_jax.data.config import DataConfig, SourceConfig
 from sc_jax.data.pipeline import EpochShuffle, decode_state, encode_state, sub_seed
+from sc_jax.data import sources
 from sc_jax.data.sources import DataError
 from sc_jax.instruct.chat import ChatFormat, RecordError, dpo_example, parse_chat, parse_pair, sft_example
 from sc_jax.tokenizer import Tokenizer
@@ -85,17 +85,7 @@ class _AttachCounts:
 
 def expand_paths(path: str) -> list[str]:
     """A file, a glob, or a directory (its *.jsonl / *.ndjson files, recursively), sorted."""
-    if os.path.isdir(path):
-        files = sorted({f for p in JSONL_PATTERNS for f in glob.glob(os.path.join(path, "**", p), recursive=True)})
-    elif any(c in path for c in "*?["):
-        files = sorted(glob.glob(path, recursive=True))
-    elif os.path.isfile(path):
-        files = [path]
-    else:
-        raise DataError(f"jsonl path '{path}' does not exist")
-    if not files:
-        raise DataError(f"jsonl path '{path}' holds no files matching {', '.join(JSONL_PATTERNS)}")
-    return files
+    return sources.expand_paths(path, JSONL_PATTERNS, "jsonl")
 
 
 def parse_record(task: str, raw: bytes):
