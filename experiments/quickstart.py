@@ -32,8 +32,8 @@ sys.path.insert(0, ROOT)
 CONFIG = os.path.join(ROOT, "experiments", "configs", "quickstart.yaml")
 PACKAGES = ("json", "email", "http", "urllib", "logging", "asyncio", "concurrent", "importlib", "xml", "unittest",
             "collections", "wsgiref", "html", "sqlite3", "dbm", "zoneinfo", "tomllib", "venv", "ensurepip", "curses")
-PREFIX = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
-SUFFIX = "\n    return a\n"
+PREFIX = "class Request:\n    def __init__(self, url, method='GET'):\n        self.url = url\n"
+SUFFIX = "\n\n    def get_method(self):\n        return self.method\n"
 
 
 def step(title: str):
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     middle = gen.infill([PREFIX], [SUFFIX], max_new_tokens=48, temperature=0.0)[0]
     print("<fim_prefix>" + PREFIX + "<fim_suffix>" + SUFFIX + "<fim_middle>")
     print("--- the model wrote:")
-    print(middle)
+    print(middle if middle.strip() else repr(middle))
     losses = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     losses = [r for r in losses if "loss" in r]
     print(f"\nloss {losses[0]['loss']:.3f} (step {losses[0]['step']}) -> {losses[-1]['loss']:.3f} "
