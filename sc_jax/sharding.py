@@ -144,10 +144,6 @@ def tree_shardings(abstract_tree, axes_tree, mesh: Mesh, rules: dict):
                         abstract_tree, axes_tree, is_leaf=lambda a: isinstance(a, tuple))
 
 
-def batch_spec() -> P:
-    return P(("data", "fsdp"), "sequence")
-
-
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("act_batch", "act_seq"), DEFAULT_RULES, mesh))
 

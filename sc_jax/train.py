@@ -278,6 +278,7 @@ class Setup:
     schedule: Any
     step_fn: Any  # jitted (state, batch) -> (state, metrics), state donated
     param_sh: Any
+    eval_fn: Any  # jitted (params, batch, ref_params) -> (loss_sum, count)
 
 
 def setup(cfg: Config) -> Setup:
@@ -313,7 +314,8 @@ def setup(cfg: Config) -> Setup:
     step = make_train_step(graphdef, tx, schedule, micro_batches=cfg.train.micro_batches, z_loss=cfg.train.z_loss,
                            loss_fn=loss_fn)
     step_fn = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0)
-    return Setup(mesh, rules, graphdef, abs_train_state, state_sh, batch_sh, tx, schedule, step_fn, param_sh)
+    eval_fn = jax.jit(tasks.eval_fn(cfg, graphdef), in_shardings=(param_sh, batch_sh, state_sh.get("ref_params")))
+    return Setup(mesh, rules, graphdef, abs_train_state, state_sh, batch_sh, tx, schedule, step_fn, param_sh, eval_fn)
 
 
 def _opt_shardings(tx, abs_opt, param_sh, replicated):
@@ -390,7 +392,7 @@ def _check_same_shapes(params, target, path):
                           "set the model section (preset, sizes) to the checkpoint's architecture")
 
 
-def run(cfg: Config, *, on_step=None) -> dict:
+def run(cfg: Config) -> dict:
     """Trains to cfg.train.steps (resuming from the run directory). Returns a summary."""
     import jax
 
@@ -487,8 +489,6 @@ def run(cfg: Config, *, on_step=None) -> dict:
         summary["last_loss"] = rec["loss"]
         if step_no % t.log_every == 0 or step_no == t.steps or step_no == start + 1:
             log.write(rec)
-        if on_step:
-            on_step(rec)
 
     def run_eval():
         return evaluate(cfg, s, state, make_data(cfg, cfg.model.vocab_size, pi, pc, tokenizer, eval_=True), to_global)
@@ -562,23 +562,20 @@ def _preempted(preempt: _Preemption, step: int, process_count: int) -> bool:
     return preempt.signal is not None
 
 
-def evaluate(cfg: Config, s, state, data, to_global) -> float:
-    """Mean held-out token loss over train.eval_batches batches."""
+def evaluate(cfg: Config, s: Setup, state, data, to_global) -> float:
+    """Mean held-out token loss over train.eval_batches batches (one host sync at the end)."""
     import jax
 
-    from sc_jax import tasks
-
-    eval_fn = jax.jit(tasks.eval_fn(cfg, s.graphdef),
-                      in_shardings=(s.state_sh["params"], s.batch_sh, s.state_sh.get("ref_params")))
     total = count = 0.0
     for _ in range(cfg.train.eval_batches):
         try:
             batch = next(data)
         except StopIteration:
             break
-        loss_sum, n = jax.device_get(eval_fn(state["params"], to_global(batch), state.get("ref_params")))
-        total, count = total + float(loss_sum), count + float(n)
-    return total / max(count, 1.0)
+        loss_sum, n = s.eval_fn(state["params"], to_global(batch), state.get("ref_params"))
+        total, count = total + loss_sum, count + n
+    total, count = jax.device_get((total, count))
+    return float(total) / max(float(count), 1.0)
 
 
 def _tokenizer_file(path: str) -> str:

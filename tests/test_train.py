@@ -154,3 +154,15 @@ def test_preset_override_replaces_the_section_whatever_the_order():
     cfg = load_config(None, ["model.remat=full", "model.preset=stable-code-3b", "model.dtype=bfloat16"])
     assert cfg.model.num_params() == 2_795_443_200 and cfg.model.rope_theta == 1e6
     assert (cfg.model.remat, cfg.model.dtype) == ("full", "bfloat16")
+
+
+def test_held_out_loss_and_perplexity_are_logged(tmp_path):
+    import math
+
+    run(load_config(None, BASE + [f"train.run_dir={tmp_path / 'ev'}", "train.eval_every=2", "train.eval_batches=2",
+                                  "mesh.num_devices=1"]))
+    evals = [json.loads(x) for x in open(tmp_path / "ev" / "metrics.jsonl") if "eval_loss" in x]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(0 < r["eval_loss"] < 10 and r["eval_perplexity"] == pytest.approx(math.exp(r["eval_loss"]))
+               for r in evals)
+    assert evals[1]["eval_loss"] < evals[0]["eval_loss"]  # same held-out batches, two more steps of training

@@ -325,7 +325,6 @@ class DataIterator(grain.DatasetIterator):
         self._counters = np.zeros(len(stats_lib.COUNTERS), np.int64)
         self._m = {"batches": 0, "rows": 0, "tokens": 0, "segments": 0, "padding_batches": 0}
         self._wait = 0.0
-        self._t0 = time.perf_counter()
 
     def __next__(self) -> dict:
         if self.max_batches is not None and self._m["batches"] >= self.max_batches:
