@@ -1,8 +1,9 @@
 """Decode throughput: sc_jax.generate against `transformers` generate, same weights, same batch.
 
-    python bench/generate.py [--hidden 512 --layers 8 --heads 8 --intermediate 1376 --vocab 50304
+    python bench/generate.py                  # the grid: two model sizes x batch 1 and 8
+    python bench/generate.py --point [--hidden 512 --layers 8 --heads 8 --intermediate 1376 --vocab 50304
                               --batch 8 --prompt-len 64 --new-tokens 128 --repeats 3 --dtype float32]
-    python bench/generate.py --preset stable-code-3b --dtype bfloat16 --no-hf     # ours alone (GPU)
+    python bench/generate.py --point --preset stable-code-3b --dtype bfloat16 --no-hf   # ours alone (GPU)
 
 Builds a random StableLM of the given size with `transformers`, saves it, converts it
 with sc_jax.convert.load_hf, and runs greedy generation of a batch of prompts of
@@ -12,11 +13,20 @@ exactly batch x new-tokens tokens. Runs alternate between the two and the best o
 and decode-only tokens/s (the time of a 1-token run, i.e. the prefill, subtracted),
 and how many rows came out token-for-token identical. transformers runs on the GPU
 when JAX does and torch sees one, else on the CPU with --threads threads.
+
+It also times the step's matrix products alone, each library's own (a jitted chain of
+the same weight shapes under XLA; the model's nn.Linear modules called in turn under
+torch): no decode step can be faster than its matmuls, so "HF step / XLA matmuls" is
+the most any XLA decode could gain over transformers at that point.
+
+The grid (the default) runs the quick start's model (2.6M params) and a 77M model
+(vocab 50304) at batch 1 and 8 and prints one summary table.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -63,8 +73,16 @@ def profile(fn, steps: int, top: int = 15) -> None:
         print(f"  {us / steps / 1000:7.3f} ms  x{count[name] / steps:6.1f}  {name[:90]}")
 
 
-def main(argv=None) -> int:
+GRID_MODELS = (  # (hidden, layers, heads, intermediate, vocab)
+    (192, 4, 4, 512, 2048),  # the quick start's model
+    (512, 8, 8, 1376, 50304),  # 77M, Stable Code's vocabulary
+)
+GRID_BATCHES = (1, 8)
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--point", action="store_true", help="one point given by the flags below instead of the grid")
     p.add_argument("--preset", default=None, help="a sc_jax model preset (e.g. stable-code-3b) instead of the sizes")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
@@ -79,23 +97,74 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch intra-op threads")
     p.add_argument("--no-hf", action="store_true", help="time sc_jax alone (random weights from our own init)")
+    p.add_argument("--no-matmuls", action="store_true", help="skip timing the matmuls alone")
     p.add_argument("--profile", action="store_true", help="also print sc_jax's most expensive XLA ops per step")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def best_time(fn, repeats: int) -> float:
+    fn()
+    return min(timed(fn)[0] for _ in range(repeats))
+
+
+def xla_matmul_step(cfg, batch: int, dtype: str, steps: int = 32, repeats: int = 5) -> float:
+    """Seconds per decode step of the step's matmuls alone under XLA, laid out as
+    sc_jax.generate lays them out ([in,out] per layer, the head [V,E]), chained so
+    that each product waits for the one before, `steps` steps in one fori_loop."""
+    import jax
+    import jax.numpy as jnp
+
+    E, F, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    HD, KD = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    keys = iter(jax.random.split(jax.random.PRNGKey(0), 8 * cfg.num_hidden_layers + 2))
+    rand = lambda *shape: (0.02 * jax.random.normal(next(keys), shape)).astype(dtype)  # noqa: E731
+    layers = [dict(q=rand(E, HD), k=rand(E, KD), v=rand(E, KD), o=rand(HD, E), gate=rand(E, F), up=rand(E, F),
+                   down=rand(F, E)) for _ in range(cfg.num_hidden_layers)]
+    head = rand(V, E)
+
+    def step(_, x):  # x [B,E]
+        for w in layers:
+            q, k, v = x @ w["q"], x @ w["k"], x @ w["v"]
+            x = x + (q + jnp.tile(k + v, HD // KD)) @ w["o"]
+            x = x + (jax.nn.silu(x @ w["gate"]) * (x @ w["up"])) @ w["down"]
+        logits = jnp.einsum("be,ve->bv", x, head)
+        return x + logits[:, :E] * 1e-6
+
+    run = jax.jit(lambda x: jax.lax.fori_loop(0, steps, step, x))
+    x = rand(batch, E)
+    return best_time(lambda: run(x).block_until_ready(), repeats) / steps
+
+
+def torch_matmul_step(hf, batch: int, steps: int = 32, repeats: int = 5) -> float:
+    """Seconds per decode step of the HF model's own nn.Linear modules called in turn."""
+    import torch
+
+    E = hf.config.hidden_size
+    x0 = torch.randn(batch, 1, E, dtype=hf.dtype, device=hf.device)
+
+    def run():
+        with torch.no_grad():
+            x = x0
+            for _ in range(steps):
+                for layer in hf.model.layers:
+                    a, m = layer.self_attn, layer.mlp
+                    q, k, v = a.q_proj(x), a.k_proj(x), a.v_proj(x)
+                    x = x + a.o_proj(q + (k + v).repeat(1, 1, q.shape[-1] // k.shape[-1]))
+                    x = x + m.down_proj(torch.nn.functional.silu(m.gate_proj(x)) * m.up_proj(x))
+                x = x + hf.lm_head(x)[..., :E] * 1e-6
+            return x.sum().item()  # waits for a GPU
+
+    return best_time(run, repeats) / steps
+
+
+def run_point(args, cfg) -> dict:
+    """Times one (model, batch) point; prints its table; returns its numbers."""
     import jax
     import torch
 
-    from sc_jax.config import ModelConfig, model_preset
     from sc_jax.generate import Generator
 
-    if args.preset:
-        cfg = model_preset(args.preset)
-    else:
-        cfg = ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                          num_key_value_heads=args.kv_heads or args.heads, rope_theta=1e6,
-                          max_position_embeddings=4096).validate()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     hf = None
@@ -104,7 +173,10 @@ def main(argv=None) -> int:
 
         from sc_jax import model as M
 
-        params = nnx.split(M.create_model(cfg, seed=args.seed))[1].to_pure_dict()
+        # Initialised in the compute dtype (a 3B model in fp32 on the CPU takes minutes):
+        # the peak memory below may include this second copy of the weights.
+        init_cfg = dataclasses.replace(cfg, param_dtype=args.dtype)
+        params = nnx.split(M.create_model(init_cfg, seed=args.seed))[1].to_pure_dict()
     else:
         import transformers
 
@@ -120,10 +192,10 @@ def main(argv=None) -> int:
     del params
 
     rng = np.random.RandomState(args.seed)
-    lengths = np.linspace(max(1, args.prompt_len // 2), args.prompt_len, args.batch).astype(int)
+    lengths = np.linspace(args.prompt_len, max(1, args.prompt_len // 2), args.batch).astype(int)[::-1]
     prompts = [rng.randint(1, cfg.vocab_size, size=n).tolist() for n in lengths]
     B, N = args.batch, args.new_tokens
-    print(f"model: {cfg.num_params() / 1e6:.1f}M params (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+    print(f"\nmodel: {cfg.num_params() / 1e6:.1f}M params (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
           f"{cfg.num_attention_heads} heads, vocab {cfg.vocab_size}), {args.dtype}; batch {B}, prompts "
           f"{lengths.min()}-{lengths.max()} tokens, {N} new tokens; jax {jax.__version__} on {jax.devices()[0].device_kind}"
           + ("" if hf is None else f", torch {torch.__version__} on {hf.device} ({args.threads} threads)")
@@ -168,10 +240,12 @@ def main(argv=None) -> int:
     def row(name, total, pre, extra=""):
         return name, total, B * N / total, B * (N - 1) / max(total - pre, 1e-9), extra
 
+    res = {"model": f"{cfg.num_params() / 1e6:.1f}M", "batch": B}
     rows = [row("sc_jax generate", best["ours"], best["ours_pre"], f"compile {compile_s:.1f}s")]
+    res["ours"] = rows[0][3]
     if hf is not None:
         rows.insert(0, row(f"transformers ({hf.device.type})", best["hf"], best["hf_pre"]))
-    print()
+        res["hf"] = rows[0][3]
     print(f"| {'implementation':<22} | {'time (s)':>8} | {'tokens/s':>9} | {'decode tokens/s':>15} | note")
     print(f"|{'-' * 24}|{'-' * 10}|{'-' * 11}|{'-' * 17}|------")
     for name, total, e2e, dec, extra in rows:
@@ -180,9 +254,54 @@ def main(argv=None) -> int:
         print(f"| {'ratio (sc_jax / HF)':<22} | {'':8} | {rows[1][2] / rows[0][2]:8.2f}x | "
               f"{rows[1][3] / rows[0][3]:14.2f}x |")
         same = sum(a == b for a, b in zip(outs["ours"], outs["hf"]))
-        print(f"\ngreedy outputs identical for {same}/{B} rows (rounding can flip a near-tie and diverge after it)")
+        res["same"] = f"{same}/{B}"
+        print(f"greedy outputs identical for {same}/{B} rows (rounding can flip a near-tie and diverge after it)")
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        print(f"peak device memory {stats['peak_bytes_in_use'] / 2**30:.1f} GiB")
+    if not args.no_matmuls:
+        res["xla_mm"] = xla_matmul_step(cfg, B, args.dtype)
+        line = f"matmuls alone per step: XLA {res['xla_mm'] * 1e3:.2f} ms"
+        if hf is not None:
+            res["torch_mm"] = torch_matmul_step(hf, B)
+            hf_step = B / res["hf"]
+            line += (f", torch {res['torch_mm'] * 1e3:.2f} ms; transformers' whole step {hf_step * 1e3:.2f} ms, "
+                     f"ours {B / res['ours'] * 1e3:.2f} ms: at most {hf_step / res['xla_mm']:.2f}x with XLA's matmuls")
+        print(line)
     if args.profile:
         profile(lambda: ours(N), N)
+    return res
+
+
+def model_config(args):
+    from sc_jax.config import ModelConfig, model_preset
+
+    if args.preset:
+        return model_preset(args.preset)
+    return ModelConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                       num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                       num_key_value_heads=args.kv_heads or args.heads, rope_theta=1e6,
+                       max_position_embeddings=4096).validate()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.point or args.preset or args.no_hf:
+        run_point(args, model_config(args))
+    else:
+        results = []
+        for hidden, layers, heads, inter, vocab in GRID_MODELS:
+            for batch in GRID_BATCHES:
+                point = argparse.Namespace(**{**vars(args), "hidden": hidden, "layers": layers, "heads": heads,
+                                              "kv_heads": None, "intermediate": inter, "vocab": vocab, "batch": batch})
+                results.append(run_point(point, model_config(point)))
+        print("\nsummary (decode tokens/s; the ceiling is transformers' step time over XLA's matmuls alone)")
+        print("| model | batch | transformers | sc_jax | ratio | ceiling | identical |")
+        print("|---|---|---|---|---|---|---|")
+        for r in results:
+            ceiling = (r["batch"] / r["hf"]) / r["xla_mm"] if "xla_mm" in r else float("nan")
+            print(f"| {r['model']} | {r['batch']} | {r['hf']:,.0f} | {r['ours']:,.0f} | {r['ours'] / r['hf']:.2f}x | "
+                  f"{ceiling:.2f}x | {r['same']} |")
     print(f"load average {os.getloadavg()[0]:.1f} at the end (other work on the machine slows transformers' threads most)")
     return 0
 

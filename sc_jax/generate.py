@@ -264,7 +264,8 @@ def _decode(cfg, defs, weights, carry, limit, keys, stop_ids, temperature, top_k
         new = dict(c, step=step + 1, pos=c["pos"] + 1,
                    out=jax.lax.dynamic_update_slice(c["out"], tok[:, None], (0, step)),
                    length=c["length"] + (~done).astype(jnp.int32),
-                   done=done | jnp.isin(tok, stop_ids))
+                   # A row also ends with the token at the last position the model knows.
+                   done=done | jnp.isin(tok, stop_ids) | (c["pos"] >= cfg.max_position_embeddings - 1))
         if "all_logits" in c:
             new["all_logits"] = jax.lax.dynamic_update_slice(c["all_logits"], c["logits"][:, None], (0, step, 0))
         new["logits"], new["cache"] = _forward_one(cfg, defs, weights, tok, c["pos"], c["cache"])
@@ -345,9 +346,11 @@ class Generator:
 
     def __init__(self, cfg: ModelConfig, params: dict, tokenizer=None, dtype=None, batch_size: int = 32):
         dtype = _resolve_dtype(dtype)
-        # Inference: weights stored in the compute dtype; reference attention (the cuDNN
-        # kernel assumes right padding, prompts are left-padded).
-        self.cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype, attention="reference").validate()
+        # Inference: weights stored in the compute dtype. The prefill runs the model's
+        # chunked attention (the reference math one 1024-query block at a time, so a 16k
+        # prompt never holds a [B,H,16k,16k] score array; prompts up to 1024 tokens are one
+        # block); not cuDNN, whose kernel assumes right padding where prompts are left-padded.
+        self.cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype, attention="chunked").validate()
         self.tokenizer = tokenizer
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
@@ -370,7 +373,8 @@ class Generator:
                      top_p: float = 1.0, top_k: int = 0, stop_tokens: Sequence[int] | None = None, seed: int = 0,
                      stop_check: Callable[[int, list[int]], bool] | None = None, return_logits: bool = False):
         """Generates after each prompt; returns the new ids per prompt, ending with the stop
-        token when one was produced (as `transformers` does), at most max_new_tokens.
+        token when one was produced (as `transformers` does), at most max_new_tokens, and
+        never past the model's context (max_position_embeddings tokens, prompt included).
 
         stop_tokens: ids that end a row (default: the EOS id; () for none).
         stop_check(i, new_ids) -> bool: a host-side test run every few steps (stop strings).
@@ -384,6 +388,9 @@ class Generator:
                 raise ConfigError(f"prompt {i} is empty: give at least one token")
             if min(p) < 0 or max(p) >= V:
                 raise ConfigError(f"prompt {i} has token ids outside [0, {V})")
+            if len(p) >= self.cfg.max_position_embeddings:
+                raise ConfigError(f"prompt {i} has {len(p)} tokens but the model's context is "
+                                  f"{self.cfg.max_position_embeddings} (max_position_embeddings): shorten it")
         if stop_tokens is None:
             stop_tokens = () if self.eos_id is None else (self.eos_id,)
         t0 = time.perf_counter()
@@ -479,23 +486,30 @@ class Generator:
     def complete(self, prompts: list[str], *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, stop: Sequence[str] = (), seed: int = 0) -> list[str]:
         """The completion text of each prompt (prompt not included), cut at the first stop
-        string; a row also ends at `<|endoftext|>`."""
+        string; a row also ends at `<|endoftext|>`. A prompt longer than the model's context
+        keeps its last tokens."""
         if isinstance(prompts, str):
             raise ConfigError("complete() takes a list of prompts, got a single string")
         tok = self._tok()
         eos = self.eos_id
-        ids = [tok.encode(p) or ([eos] if eos is not None else []) for p in prompts]
+        room = self.cfg.max_position_embeddings - 1  # a prompt must leave one position to generate into
+        ids = [(tok.encode(p) or ([eos] if eos is not None else []))[-room:] for p in prompts]  # keep the end
         return self._text_generate(ids, [] if eos is None else [eos], stop, max_new_tokens, temperature, top_p, top_k,
                                    seed)
 
     def fim_ids(self, prefix: str, suffix: str) -> list[int]:
         """The PSM prompt `<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>` as ids (the
         special tokens looked up by string, the texts encoded separately so that text that
-        merely looks like a special token stays text)."""
+        merely looks like a special token stays text). Past the model's context, the start
+        of the prefix and the end of the suffix are dropped."""
         tok = self._tok()
         tok.require(FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)
-        return ([tok.token_id(FIM_PREFIX)] + _encode_plain(tok, prefix) + [tok.token_id(FIM_SUFFIX)]
-                + _encode_plain(tok, suffix) + [tok.token_id(FIM_MIDDLE)])
+        pre, suf = _encode_plain(tok, prefix), _encode_plain(tok, suffix)
+        room = self.cfg.max_position_embeddings - 4  # 3 FIM tokens and one position to generate into
+        if len(pre) + len(suf) > room:  # too long for the context: keep the code nearest the gap
+            keep_pre = min(len(pre), max(room - len(suf), room // 2))
+            pre, suf = pre[len(pre) - keep_pre:], suf[:room - keep_pre]
+        return [tok.token_id(FIM_PREFIX)] + pre + [tok.token_id(FIM_SUFFIX)] + suf + [tok.token_id(FIM_MIDDLE)]
 
     def infill_stop_ids(self) -> list[int]:
         """`<|endoftext|>`, the FIM tokens and `<file_sep>`: those the tokenizer has."""

@@ -2,6 +2,7 @@
 logits equal a full forward pass, sampling filters equal transformers' warpers, stop
 tokens/strings, FIM prompts, checkpoint formats and the CLI (tiny random models, CPU)."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -119,6 +120,41 @@ def test_kv_cache_decode_logits_equal_full_forward(tmp_path_factory, name):
         want = full[r, len(p) - 1:len(p) + 11]
         np.testing.assert_allclose(lg, want, rtol=1e-4, atol=1e-4)
         assert o == np.argmax(want, -1).tolist()
+
+
+def test_long_prompt_prefill_runs_in_query_blocks(tmp_path_factory, monkeypatch):
+    """A prompt past 1024 tokens is prefilled 1024 queries at a time (never one
+    [B,H,P,P] score array), with the logits of the model's full forward pass."""
+    _, short_gen, model = variant("stable-code", tmp_path_factory)
+    cfg = dataclasses.replace(short_gen.cfg, max_position_embeddings=4096)
+    seen = []
+    reference = M.reference_attention
+    monkeypatch.setattr(M, "reference_attention", lambda q, *a: seen.append(q.shape[1]) or reference(q, *a))
+    gen = G.Generator(cfg, nnx.split(model)[1].to_pure_dict())
+    ps = prompts(5, lengths=(1100, 40))  # left-padded to 2048: two query blocks
+    outs, logits = gen.generate_ids(ps, max_new_tokens=3, stop_tokens=(), return_logits=True)
+    assert max(seen) == 1024
+    for p, o, lg in zip(ps, outs, logits):
+        seq = p + o[:-1]
+        full = np.asarray(model(jnp.asarray([seq], jnp.int32)))[0]
+        np.testing.assert_allclose(lg, full[len(p) - 1:], rtol=1e-4, atol=1e-4)
+
+
+def test_generation_stops_at_the_context_length(gen):
+    n_ctx = gen.cfg.max_position_embeddings
+    with pytest.raises(ConfigError, match="context"):
+        gen.generate_ids([[1] * n_ctx], max_new_tokens=4)
+    out = gen.generate_ids(prompts(6, lengths=(n_ctx - 6, 5)), max_new_tokens=20, stop_tokens=())
+    assert [len(o) for o in out] == [6, 20]  # the first row's last token sits at position n_ctx - 1
+    # Text prompts past the context keep the code nearest the gap instead of failing an eval.
+    long_text = "x = 1\n" * n_ctx
+    assert len(gen.tokenizer.encode(long_text)) > n_ctx
+    assert len(gen.complete([long_text], max_new_tokens=4)) == 1
+    fim = gen.fim_ids(long_text, long_text)
+    assert len(fim) == n_ctx - 1 and fim[0] == gen.tokenizer.token_id(G.FIM_PREFIX)
+    assert fim[-1] == gen.tokenizer.token_id(G.FIM_MIDDLE)
+    assert fim[1:(n_ctx - 4) // 2 + 1] == gen.tokenizer.encode(long_text)[-((n_ctx - 4) // 2):]
+    assert len(gen.infill([long_text], ["y = 2\n"], max_new_tokens=4)) == 1
 
 
 @pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (5, 1.0), (5, 0.5), (1, 1.0), (0, 1e-6), (50, 0.999)])
