@@ -114,10 +114,13 @@ def sample(logits, keys, step, temperature, top_k, top_p, *, greedy: bool, filte
 #   * each layer's parameters are separate arrays and the layers run unrolled (a
 #     stacked [L,...] array under `scan` gets each layer's slice copied on every step:
 #     that alone halved the decode speed on CPU);
-#   * the cache is one heads-major array per layer, k/v [B,K,S,D], so the score and value
+#   * the cache is one heads-major array per layer, k/v [B*K,S,D], so the score and value
 #     matmuls read contiguous [S,D] blocks (the model's [L,B,S,K,D] cache makes XLA
 #     transpose every layer's cache on every step: ~10x slower attention on CPU), and a
-#     step writes only its new slot, in place;
+#     step writes only its new slot, in place. Batch and kv-heads share one axis because
+#     with a batch axis of 1, XLA fused each layer's cache update twice (once per shape it
+#     is read in) and copied every cache on every step: a third of the step of the quick
+#     start's model at batch 1 on CPU;
 #   * the LM head is stored [V,E] (2x faster than [E,V] for a few rows on CPU) and the
 #     prefill computes logits for the last position only (not [B,P,V]).
 # tests/test_generate.py checks the step's logits against the model's full forward pass
@@ -159,26 +162,32 @@ def _forward_prompt(cfg, defs, weights, ids, positions, segs, cache_len: int):
     ks, vs = [], []
     for layer_weights in weights["layers"]:
         x, (k, v) = nnx.merge(defs.layer, layer_weights)(x, positions, mask, segment_ids=segs)
-        pad = ((0, 0), (0, 0), (0, cache_len - P), (0, 0))
-        ks.append(jnp.pad(k.transpose(0, 2, 1, 3), pad))  # [B,P,K,D] -> [B,K,cache_len,D]
-        vs.append(jnp.pad(v.transpose(0, 2, 1, 3), pad))
+        pad = ((0, 0), (0, cache_len - P), (0, 0))
+        ks.append(jnp.pad(_heads_major(k), pad))  # [B,P,K,D] -> [B*K,cache_len,D]
+        vs.append(jnp.pad(_heads_major(v), pad))
     x = nnx.merge(defs.norm, weights["norm"])(x[:, -1:])
     cache = {"k": ks, "v": vs, "valid": jnp.pad(segs != 0, ((0, 0), (0, cache_len - P))),
              "index": jnp.asarray(P, jnp.int32)}
     return _logits(cfg, embed, weights["head"], x)[:, 0], cache
 
 
+def _heads_major(x):
+    """[B,T,K,D] keys or values -> [B*K,T,D], the cache's layout."""
+    B, T, K, D = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B * K, T, D)
+
+
 def _attend_one(q, k_cache, v_cache, valid):
     """Attention of one new token per row over the valid cache slots (its own included).
 
-    q [B,H,D]; k/v_cache [B,K,S,D]; valid [B,S] bool -> [B,H,D] fp32. Softmax in fp32."""
+    q [B,H,D]; k/v_cache [B*K,S,D]; valid [B,S] bool -> [B,H,D] fp32. Softmax in fp32."""
     B, H, D = q.shape
-    K = k_cache.shape[1]
-    q = q.reshape(B, K, H // K, D)
-    scores = jnp.einsum("bkgd,bksd->bkgs", q, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = jnp.where(valid[:, None, None, :], scores * (1.0 / np.sqrt(D)), M.NEG_INF)
+    K = k_cache.shape[0] // B
+    q = q.reshape(B * K, H // K, D)
+    scores = jnp.einsum("ngd,nsd->ngs", q, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.where(jnp.repeat(valid, K, axis=0)[:, None, :], scores * (1.0 / np.sqrt(D)), M.NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("bkgs,bksd->bkgd", probs, v_cache, preferred_element_type=jnp.float32)
+    out = jnp.einsum("ngs,nsd->ngd", probs, v_cache, preferred_element_type=jnp.float32)
     return out.reshape(B, H, D)
 
 
@@ -202,8 +211,8 @@ def _layer_one(layer, cfg: ModelConfig, x, pos, k_cache, v_cache, valid, idx):
         q, k = attn.q_layernorm(q), attn.k_layernorm(k)
     q = M.apply_rotary(q, pos[:, None], cfg.rotary_dim, cfg.rope_theta)
     k = M.apply_rotary(k, pos[:, None], cfg.rotary_dim, cfg.rope_theta)
-    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype).transpose(0, 2, 1, 3), (0, 0, idx, 0))
-    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype).transpose(0, 2, 1, 3), (0, 0, idx, 0))
+    k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype).reshape(B * K, 1, D), (0, idx, 0))
+    v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype).reshape(B * K, 1, D), (0, idx, 0))
     out = _attend_one(q[:, 0], k_cache, v_cache, valid).astype(dt).reshape(B, H * D)
     out = (out @ attn.o_proj[...].astype(dt).reshape(H * D, E))[:, None]
     if cfg.use_parallel_residual:

@@ -4,6 +4,7 @@ tokens/strings, FIM prompts, checkpoint formats and the CLI (tiny random models,
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 
@@ -155,6 +156,23 @@ def test_generation_stops_at_the_context_length(gen):
     assert fim[-1] == gen.tokenizer.token_id(G.FIM_MIDDLE)
     assert fim[1:(n_ctx - 4) // 2 + 1] == gen.tokenizer.encode(long_text)[-((n_ctx - 4) // 2):]
     assert len(gen.infill([long_text], ["y = 2\n"], max_new_tokens=4)) == 1
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_step_writes_the_cache_in_place(gen, monkeypatch, batch):
+    """The compiled decode loop never copies a layer's cache (it once did at batch 1, every
+    step): a structural check of the optimised HLO, not a timing."""
+    seen = []
+    decode = gen._decode
+    spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)  # noqa: E731
+    monkeypatch.setattr(gen, "_decode", lambda *a, **kw: seen.append((spec(a), kw)) or decode(*a, **kw))
+    gen.generate_ids(prompts(7, lengths=(5, 9, 2)[:batch]), max_new_tokens=4, stop_tokens=())
+    args, kw = seen[0]
+    hlo = decode.lower(*args, **kw).compile().as_text()
+    cache_size = int(np.prod(args[1]["cache"]["k"][0].shape))
+    copied = [s for s in re.findall(r"= f32\[([\d,]+)\][^ ]* copy\(", hlo)
+              if np.prod(list(map(int, s.split(",")))) == cache_size]
+    assert not copied, f"the decode loop copies caches of shape {copied}"
 
 
 @pytest.mark.parametrize("top_k,top_p", [(0, 0.9), (5, 1.0), (5, 0.5), (1, 1.0), (0, 1e-6), (50, 0.999)])
