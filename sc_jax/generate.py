@@ -502,7 +502,9 @@ class Generator:
         tok = self._tok()
         eos = self.eos_id
         room = self.cfg.max_position_embeddings - 1  # a prompt must leave one position to generate into
-        ids = [(tok.encode(p) or ([eos] if eos is not None else []))[-room:] for p in prompts]  # keep the end
+        ids = [tok.encode(p) or ([eos] if eos is not None else []) for p in prompts]
+        _warn_truncated(sum(len(i) > room for i in ids), room)
+        ids = [i[-room:] for i in ids]  # keep the end: the code nearest the completion
         return self._text_generate(ids, [] if eos is None else [eos], stop, max_new_tokens, temperature, top_p, top_k,
                                    seed)
 
@@ -516,6 +518,7 @@ class Generator:
         pre, suf = _encode_plain(tok, prefix), _encode_plain(tok, suffix)
         room = self.cfg.max_position_embeddings - 4  # 3 FIM tokens and one position to generate into
         if len(pre) + len(suf) > room:  # too long for the context: keep the code nearest the gap
+            _warn_truncated(1, room)
             keep_pre = min(len(pre), max(room - len(suf), room // 2))
             pre, suf = pre[len(pre) - keep_pre:], suf[:room - keep_pre]
         return [tok.token_id(FIM_PREFIX)] + pre + [tok.token_id(FIM_SUFFIX)] + suf + [tok.token_id(FIM_MIDDLE)]
@@ -538,6 +541,12 @@ class Generator:
             raise ConfigError(f"infill() got {len(prefixes)} prefixes but {len(suffixes)} suffixes")
         ids = [self.fim_ids(p, s) for p, s in zip(prefixes, suffixes)]
         return self._text_generate(ids, self.infill_stop_ids(), stop, max_new_tokens, temperature, top_p, top_k, seed)
+
+
+def _warn_truncated(n: int, room: int) -> None:
+    if n:
+        warnings.warn(f"{n} prompt(s) longer than the model's context keep only {room} tokens "
+                      "(max_position_embeddings, less room to generate)", stacklevel=3)
 
 
 def _maybe_id(tok, s: str) -> int | None:

@@ -150,12 +150,15 @@ def test_generation_stops_at_the_context_length(gen):
     # Text prompts past the context keep the code nearest the gap instead of failing an eval.
     long_text = "x = 1\n" * n_ctx
     assert len(gen.tokenizer.encode(long_text)) > n_ctx
-    assert len(gen.complete([long_text], max_new_tokens=4)) == 1
-    fim = gen.fim_ids(long_text, long_text)
+    with pytest.warns(UserWarning, match="longer than the model's context"):
+        assert len(gen.complete([long_text], max_new_tokens=4)) == 1
+    with pytest.warns(UserWarning, match="longer than the model's context"):
+        fim = gen.fim_ids(long_text, long_text)
     assert len(fim) == n_ctx - 1 and fim[0] == gen.tokenizer.token_id(G.FIM_PREFIX)
     assert fim[-1] == gen.tokenizer.token_id(G.FIM_MIDDLE)
     assert fim[1:(n_ctx - 4) // 2 + 1] == gen.tokenizer.encode(long_text)[-((n_ctx - 4) // 2):]
-    assert len(gen.infill([long_text], ["y = 2\n"], max_new_tokens=4)) == 1
+    with pytest.warns(UserWarning, match="longer than the model's context"):
+        assert len(gen.infill([long_text], ["y = 2\n"], max_new_tokens=4)) == 1
 
 
 @pytest.mark.parametrize("batch", [1, 3])
