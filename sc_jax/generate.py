@@ -47,6 +47,7 @@ INFILL_STOPS = (EOS, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE, FILE_SEP)
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_BUCKET = 16
 STOP_CHECK_EVERY = 32  # decode steps between host-side stop-string checks
+PREFILL_SCORES_BYTES = 2 << 30  # most bytes of attention scores one prefill block may hold
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
@@ -350,7 +351,7 @@ class Generator:
 
     `generate_ids` works on token ids; `complete` and `infill` on text (tokenizer needed).
     `batch_size` caps how many prompts run together (more are split into batches,
-    grouped by length).
+    grouped by length; long prompts run in smaller batches, see `_rows_per_batch`).
     """
 
     def __init__(self, cfg: ModelConfig, params: dict, tokenizer=None, dtype=None, batch_size: int = 32):
@@ -406,8 +407,10 @@ class Generator:
         self.stats = GenerationStats(prompt_tokens=sum(map(len, prompts)))
         results: list = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))  # similar lengths batch together
-        for b in range(0, len(order), self.batch_size):
-            idx = order[b:b + self.batch_size]
+        b = 0
+        while b < len(order):
+            idx = order[b:b + self._rows_per_batch(len(prompts[order[b]]))]  # order[b]: the longest left
+            b += len(idx)
             outs = self._generate_batch([prompts[i] for i in idx], idx, max_new_tokens, float(temperature),
                                         float(top_p), int(top_k), list(stop_tokens), int(seed), stop_check,
                                         return_logits)
@@ -417,6 +420,15 @@ class Generator:
         if return_logits:
             return [r[0] for r in results], [r[1] for r in results]
         return results
+
+    def _rows_per_batch(self, longest: int) -> int:
+        """batch_size, or fewer rows for long prompts: a power of two that keeps one
+        prefill query block's fp32 scores [rows, H, min(P, 1024), P] under
+        PREFILL_SCORES_BYTES (at 16k tokens on stable-code-3b one row's block is 2 GiB)."""
+        P = _bucket(longest, MIN_PROMPT_BUCKET)
+        per_row = self.cfg.num_attention_heads * min(P, 1024) * P * 4
+        rows = max(1, PREFILL_SCORES_BYTES // per_row)
+        return max(1, min(self.batch_size, 1 << (rows.bit_length() - 1)))
 
     def _generate_batch(self, prompts, rows, max_new, temperature, top_p, top_k, stop_tokens, seed, stop_check,
                         return_logits):
@@ -495,33 +507,48 @@ class Generator:
     def complete(self, prompts: list[str], *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, stop: Sequence[str] = (), seed: int = 0) -> list[str]:
         """The completion text of each prompt (prompt not included), cut at the first stop
-        string; a row also ends at `<|endoftext|>`. A prompt longer than the model's context
-        keeps its last tokens."""
+        string; a row also ends at `<|endoftext|>`. A prompt too long for the model's context
+        keeps its last tokens, leaving room for max_new_tokens (or half the context)."""
         if isinstance(prompts, str):
             raise ConfigError("complete() takes a list of prompts, got a single string")
         tok = self._tok()
         eos = self.eos_id
-        room = self.cfg.max_position_embeddings - 1  # a prompt must leave one position to generate into
+        room = self._prompt_room(max_new_tokens)
         ids = [tok.encode(p) or ([eos] if eos is not None else []) for p in prompts]
-        _warn_truncated(sum(len(i) > room for i in ids), room)
-        ids = [i[-room:] for i in ids]  # keep the end: the code nearest the completion
+        _warn_cut(sum(len(i) > room for i in ids), room)
+        ids = [i[len(i) - min(len(i), room):] for i in ids]  # keep the end: the code nearest the completion
         return self._text_generate(ids, [] if eos is None else [eos], stop, max_new_tokens, temperature, top_p, top_k,
                                    seed)
 
-    def fim_ids(self, prefix: str, suffix: str) -> list[int]:
+    def fim_ids(self, prefix: str, suffix: str, max_new_tokens: int = 1) -> list[int]:
         """The PSM prompt `<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>` as ids (the
         special tokens looked up by string, the texts encoded separately so that text that
-        merely looks like a special token stays text). Past the model's context, the start
-        of the prefix and the end of the suffix are dropped."""
+        merely looks like a special token stays text). When it would leave less than
+        max_new_tokens (or half the context) to generate, the start of the prefix and the
+        end of the suffix are dropped."""
+        ids, cut = self._fim_ids(prefix, suffix, max_new_tokens)
+        _warn_cut(int(cut), self._prompt_room(max_new_tokens, special=3))
+        return ids
+
+    def _fim_ids(self, prefix: str, suffix: str, max_new_tokens: int) -> tuple[list[int], bool]:
         tok = self._tok()
         tok.require(FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)
         pre, suf = _encode_plain(tok, prefix), _encode_plain(tok, suffix)
-        room = self.cfg.max_position_embeddings - 4  # 3 FIM tokens and one position to generate into
-        if len(pre) + len(suf) > room:  # too long for the context: keep the code nearest the gap
-            _warn_truncated(1, room)
+        room = self._prompt_room(max_new_tokens, special=3)
+        cut = len(pre) + len(suf) > room
+        if cut:  # keep the code nearest the gap, at least half of it from each side when both are long
             keep_pre = min(len(pre), max(room - len(suf), room // 2))
             pre, suf = pre[len(pre) - keep_pre:], suf[:room - keep_pre]
-        return [tok.token_id(FIM_PREFIX)] + pre + [tok.token_id(FIM_SUFFIX)] + suf + [tok.token_id(FIM_MIDDLE)]
+        return [tok.token_id(FIM_PREFIX)] + pre + [tok.token_id(FIM_SUFFIX)] + suf + [tok.token_id(FIM_MIDDLE)], cut
+
+    def _prompt_room(self, max_new_tokens: int, special: int = 0) -> int:
+        """How many text tokens a prompt may keep: the context less `special` tokens and
+        room for max_new_tokens new ones (at most half the context)."""
+        n_ctx = self.cfg.max_position_embeddings
+        room = n_ctx - min(max(int(max_new_tokens), 1), n_ctx // 2) - special
+        if room < 1:
+            raise ConfigError(f"the model's context ({n_ctx} tokens, max_position_embeddings) has no room for a prompt")
+        return room
 
     def infill_stop_ids(self) -> list[int]:
         """`<|endoftext|>`, the FIM tokens and `<file_sep>`: those the tokenizer has."""
@@ -534,19 +561,24 @@ class Generator:
     def infill(self, prefixes: list[str], suffixes: list[str], *, max_new_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int = 0, stop: Sequence[str] = ()) -> list[str]:
         """The middle text for each (prefix, suffix), PSM format; ends at `<|endoftext|>`,
-        a FIM token or `<file_sep>` (and at a stop string when given)."""
+        a FIM token or `<file_sep>` (and at a stop string when given). Too long a pair is
+        cut as `fim_ids` cuts it."""
         if isinstance(prefixes, str) or isinstance(suffixes, str):
             raise ConfigError("infill() takes lists of prefixes and suffixes, got a single string")
         if len(prefixes) != len(suffixes):
             raise ConfigError(f"infill() got {len(prefixes)} prefixes but {len(suffixes)} suffixes")
-        ids = [self.fim_ids(p, s) for p, s in zip(prefixes, suffixes)]
-        return self._text_generate(ids, self.infill_stop_ids(), stop, max_new_tokens, temperature, top_p, top_k, seed)
+        prompts = [self._fim_ids(p, s, max_new_tokens) for p, s in zip(prefixes, suffixes)]
+        _warn_cut(sum(cut for _, cut in prompts), self._prompt_room(max_new_tokens, special=3))
+        return self._text_generate([ids for ids, _ in prompts], self.infill_stop_ids(), stop, max_new_tokens,
+                                   temperature, top_p, top_k, seed)
 
 
-def _warn_truncated(n: int, room: int) -> None:
+def _warn_cut(n: int, room: int) -> None:
+    """One warning per call that cut prompts to the context (stacklevel: the caller of
+    complete / infill / fim_ids)."""
     if n:
-        warnings.warn(f"{n} prompt(s) longer than the model's context keep only {room} tokens "
-                      "(max_position_embeddings, less room to generate)", stacklevel=3)
+        warnings.warn(f"{n} prompt(s) too long for the model's context (max_position_embeddings) were cut to "
+                      f"{room} text tokens, nearest the gap, to leave room to generate", stacklevel=3)
 
 
 def _maybe_id(tok, s: str) -> int | None:

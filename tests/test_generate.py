@@ -141,24 +141,52 @@ def test_long_prompt_prefill_runs_in_query_blocks(tmp_path_factory, monkeypatch)
         np.testing.assert_allclose(lg, full[len(p) - 1:], rtol=1e-4, atol=1e-4)
 
 
+def test_long_prompts_run_in_smaller_batches(gen, monkeypatch):
+    ps = prompts(8, lengths=(40, 33, 9, 5, 3))
+    want = gen.generate_ids(ps, max_new_tokens=5, stop_tokens=())
+    assert gen.stats.batches == 1
+    # A budget of one row's scores at 64 positions: the two rows bucketed to 64 go one at
+    # a time, the three short ones (bucket 16) together. Same tokens.
+    monkeypatch.setattr(G, "PREFILL_SCORES_BYTES", gen.cfg.num_attention_heads * 64 * 64 * 4)
+    assert gen.generate_ids(ps, max_new_tokens=5, stop_tokens=()) == want
+    assert gen.stats.batches == 3
+
+
 def test_generation_stops_at_the_context_length(gen):
     n_ctx = gen.cfg.max_position_embeddings
     with pytest.raises(ConfigError, match="context"):
         gen.generate_ids([[1] * n_ctx], max_new_tokens=4)
     out = gen.generate_ids(prompts(6, lengths=(n_ctx - 6, 5)), max_new_tokens=20, stop_tokens=())
     assert [len(o) for o in out] == [6, 20]  # the first row's last token sits at position n_ctx - 1
-    # Text prompts past the context keep the code nearest the gap instead of failing an eval.
-    long_text = "x = 1\n" * n_ctx
-    assert len(gen.tokenizer.encode(long_text)) > n_ctx
-    with pytest.warns(UserWarning, match="longer than the model's context"):
-        assert len(gen.complete([long_text], max_new_tokens=4)) == 1
-    with pytest.warns(UserWarning, match="longer than the model's context"):
-        fim = gen.fim_ids(long_text, long_text)
-    assert len(fim) == n_ctx - 1 and fim[0] == gen.tokenizer.token_id(G.FIM_PREFIX)
-    assert fim[-1] == gen.tokenizer.token_id(G.FIM_MIDDLE)
-    assert fim[1:(n_ctx - 4) // 2 + 1] == gen.tokenizer.encode(long_text)[-((n_ctx - 4) // 2):]
-    with pytest.warns(UserWarning, match="longer than the model's context"):
-        assert len(gen.infill([long_text], ["y = 2\n"], max_new_tokens=4)) == 1
+
+
+def test_text_prompts_are_cut_to_the_context(gen, monkeypatch):
+    """Text too long for the context keeps the code nearest the gap and room to generate
+    (an evaluation must not fail on one long problem)."""
+    tok, n_ctx = gen.tokenizer, gen.cfg.max_position_embeddings
+    text = "".join(f"x{i} = {i * 7}\n" for i in range(n_ctx))  # no repeats: which end was kept shows
+    suffix = "".join(f"y{i} = {i * 3}\n" for i in range(n_ctx))
+    ids, sids = tok.encode(text), tok.encode(suffix)
+    assert min(len(ids), len(sids)) > n_ctx
+    seen = []
+    real = gen.generate_ids
+    monkeypatch.setattr(gen, "generate_ids", lambda p, **kw: seen.append(p) or real(p, **kw))
+    with pytest.warns(UserWarning, match="1 prompt.* too long for the model's context"):
+        gen.complete([text, "def f():"], max_new_tokens=16)
+    assert seen[-1] == [ids[-(n_ctx - 16):], tok.encode("def f():")]
+    with pytest.warns(UserWarning, match="too long"):  # at most half the context is kept for generating
+        gen.complete([text], max_new_tokens=10 * n_ctx)
+    assert seen[-1] == [ids[-(n_ctx - n_ctx // 2):]]
+    with pytest.warns(UserWarning, match="2 prompt.* too long"):  # one warning per call
+        gen.infill([text, text], [suffix, "pass\n"], max_new_tokens=16)
+    room = n_ctx - 16 - 3
+    both, short = seen[-1]
+    assert len(both) == len(short) == room + 3 and both[0] == tok.token_id(G.FIM_PREFIX)
+    assert both[1:1 + room // 2] == ids[-(room // 2):]  # the end of the prefix
+    assert both[-1 - (room - room // 2):-1] == sids[:room - room // 2]  # the start of the suffix
+    assert short[-1] == tok.token_id(G.FIM_MIDDLE) and short[-1 - len(tok.encode("pass\n")):-1] == tok.encode("pass\n")
+    with pytest.raises(ConfigError, match="no room for a prompt"):
+        gen._prompt_room(3, special=n_ctx)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -173,7 +201,7 @@ def test_decode_step_writes_the_cache_in_place(gen, monkeypatch, batch):
     args, kw = seen[0]
     hlo = decode.lower(*args, **kw).compile().as_text()
     cache_size = int(np.prod(args[1]["cache"]["k"][0].shape))
-    copied = [s for s in re.findall(r"= f32\[([\d,]+)\][^ ]* copy\(", hlo)
+    copied = [s for s in re.findall(r"= [a-z]+\d*\[([\d,]+)\][^ ]* copy\(", hlo)
               if np.prod(list(map(int, s.split(",")))) == cache_size]
     assert not copied, f"the decode loop copies caches of shape {copied}"
 
