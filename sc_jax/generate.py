@@ -181,12 +181,12 @@ def _heads_major(x):
 def _attend_one(q, k_cache, v_cache, valid):
     """Attention of one new token per row over the valid cache slots (its own included).
 
-    q [B,H,D]; k/v_cache [B*K,S,D]; valid [B,S] bool -> [B,H,D] fp32. Softmax in fp32."""
+    q [B,H,D]; k/v_cache [B*K,S,D]; valid [B*K,S] bool -> [B,H,D] fp32. Softmax in fp32."""
     B, H, D = q.shape
     K = k_cache.shape[0] // B
     q = q.reshape(B * K, H // K, D)
     scores = jnp.einsum("ngd,nsd->ngs", q, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = jnp.where(jnp.repeat(valid, K, axis=0)[:, None, :], scores * (1.0 / np.sqrt(D)), M.NEG_INF)
+    scores = jnp.where(valid[:, None, :], scores * (1.0 / np.sqrt(D)), M.NEG_INF)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
     out = jnp.einsum("ngs,nsd->ngd", probs, v_cache, preferred_element_type=jnp.float32)
     return out.reshape(B, H, D)
@@ -228,9 +228,11 @@ def _forward_one(cfg, defs, weights, tok, pos, cache):
     x = embed(tok[:, None]).astype(M.DTYPES[cfg.dtype])
     idx = cache["index"]
     valid = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((tok.shape[0], 1), bool), (0, idx))
+    valid_heads = jnp.repeat(valid, cfg.num_key_value_heads, axis=0)  # [B*K,S], the cache's rows
     ks, vs = [], []
     for layer_weights, k_cache, v_cache in zip(weights["layers"], cache["k"], cache["v"]):
-        x, k_cache, v_cache = _layer_one(nnx.merge(defs.layer, layer_weights), cfg, x, pos, k_cache, v_cache, valid, idx)
+        x, k_cache, v_cache = _layer_one(nnx.merge(defs.layer, layer_weights), cfg, x, pos, k_cache, v_cache,
+                                         valid_heads, idx)
         ks.append(k_cache)
         vs.append(v_cache)
     x = nnx.merge(defs.norm, weights["norm"])(x)
@@ -426,7 +428,7 @@ class Generator:
         prefill query block's fp32 scores [rows, H, min(P, 1024), P] under
         PREFILL_SCORES_BYTES (at 16k tokens on stable-code-3b one row's block is 2 GiB)."""
         P = _bucket(longest, MIN_PROMPT_BUCKET)
-        per_row = self.cfg.num_attention_heads * min(P, 1024) * P * 4
+        per_row = self.cfg.num_attention_heads * min(P, M.ATTENTION_CHUNK) * P * 4
         rows = max(1, PREFILL_SCORES_BYTES // per_row)
         return max(1, min(self.batch_size, 1 << (rows.bit_length() - 1)))
 
@@ -526,15 +528,16 @@ class Generator:
         merely looks like a special token stays text). When it would leave less than
         max_new_tokens (or half the context) to generate, the start of the prefix and the
         end of the suffix are dropped."""
-        ids, cut = self._fim_ids(prefix, suffix, max_new_tokens)
-        _warn_cut(int(cut), self._prompt_room(max_new_tokens, special=3))
+        room = self._prompt_room(max_new_tokens, special=3)
+        ids, cut = self._fim_ids(prefix, suffix, room)
+        _warn_cut(int(cut), room)
         return ids
 
-    def _fim_ids(self, prefix: str, suffix: str, max_new_tokens: int) -> tuple[list[int], bool]:
+    def _fim_ids(self, prefix: str, suffix: str, room: int) -> tuple[list[int], bool]:
+        """(PSM ids with at most `room` text tokens, whether the texts were cut)."""
         tok = self._tok()
         tok.require(FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE)
         pre, suf = _encode_plain(tok, prefix), _encode_plain(tok, suffix)
-        room = self._prompt_room(max_new_tokens, special=3)
         cut = len(pre) + len(suf) > room
         if cut:  # keep the code nearest the gap, at least half of it from each side when both are long
             keep_pre = min(len(pre), max(room - len(suf), room // 2))
@@ -567,8 +570,9 @@ class Generator:
             raise ConfigError("infill() takes lists of prefixes and suffixes, got a single string")
         if len(prefixes) != len(suffixes):
             raise ConfigError(f"infill() got {len(prefixes)} prefixes but {len(suffixes)} suffixes")
-        prompts = [self._fim_ids(p, s, max_new_tokens) for p, s in zip(prefixes, suffixes)]
-        _warn_cut(sum(cut for _, cut in prompts), self._prompt_room(max_new_tokens, special=3))
+        room = self._prompt_room(max_new_tokens, special=3)
+        prompts = [self._fim_ids(p, s, room) for p, s in zip(prefixes, suffixes)]
+        _warn_cut(sum(cut for _, cut in prompts), room)
         return self._text_generate([ids for ids, _ in prompts], self.infill_stop_ids(), stop, max_new_tokens,
                                    temperature, top_p, top_k, seed)
 

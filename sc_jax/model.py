@@ -24,6 +24,7 @@ from sc_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NEG_INF = -1e30  # finite, so a fully masked (padding) row stays finite instead of NaN
+ATTENTION_CHUNK = 1024  # queries per block in chunked_attention
 
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -291,7 +292,7 @@ def reference_attention(q, k, v, mask: AttentionMask):
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, D)
 
 
-def chunked_attention(q, k, v, mask: AttentionMask, chunk: int = 1024):
+def chunked_attention(q, k, v, mask: AttentionMask, chunk: int = ATTENTION_CHUNK):
     """The reference math one query block at a time, each block rematerialised in the
     backward pass: peak memory holds one [B,H,chunk,S] score block instead of [B,H,T,S].
     Runs on every backend (TPU, and CPU for memory planning)."""
