@@ -16,13 +16,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any
+import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
+from orbax.checkpoint import future as ocp_future
+from orbax.checkpoint.checkpoint_utils import STANDARD_ARRAY_TYPES
+from orbax.checkpoint._src.serialization import ocdbt_utils, tensorstore_utils, type_handlers
 
 from sc_jax.config import ConfigError, ModelConfig, from_dict
+from sc_jax.pytree import dotted, get_path, set_path
 
 CHECKPOINTS = "checkpoints"
 # orbax reports every read-only open and every item it was not asked to restore at WARNING.
@@ -68,10 +74,22 @@ def valid_steps(directory: str) -> list[int]:
                   if d.isdigit() and os.path.isdir(os.path.join(directory, d, "model")))
 
 
+class DamagedCheckpoint(ConfigError):
+    """A step directory that looks complete but does not read back."""
+
+
+def _damaged(directory: str, step: int, e: Exception) -> DamagedCheckpoint:
+    return DamagedCheckpoint(f"checkpoint step {step} in {directory} could not be read "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+
+
 def load_model_config(path: str, step: int | None = None) -> ModelConfig:
     directory, step = resolve(path, step)
-    with manager(directory, read_only=True) as mngr:
-        data = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]
+    try:
+        with manager(directory, read_only=True) as mngr:
+            data = mngr.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore()))["model"]
+    except Exception as e:  # orbax raises many types for a damaged step
+        raise _damaged(directory, step, e) from None
     return from_dict(ModelConfig, data).validate()
 
 
@@ -82,24 +100,156 @@ def abstract_like(tree, shardings=None):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def load_params(path: str, step: int | None = None, target: Any = None) -> tuple[ModelConfig, Any, int]:
+def load_params(path: str, step: int | None = None, target: Any = None, log=print) -> tuple[ModelConfig, Any, int]:
     """Restores parameters (as a pure dict). `target`: a tree of ShapeDtypeStructs with
-    shardings to restore onto (any mesh); None restores onto the default device."""
-    directory, step = resolve(path, step)
+    shardings to restore onto (any mesh; each host reads only its shards); None restores
+    onto the default device. Without a `step`, a newest step that does not read back is
+    reported and the one before it is used."""
+    directory, newest = resolve(path, step)
+    candidates = [newest] if step is not None else list(reversed(valid_steps(directory)))
+    for n, candidate in enumerate(candidates):
+        try:
+            return (*_load_step_params(directory, candidate, target), candidate)
+        except DamagedCheckpoint as e:
+            if n + 1 == len(candidates):
+                raise
+            log(f"warning: {e}; using step {candidates[n + 1]} instead")
+    raise AssertionError("unreachable")
+
+
+def _load_step_params(directory: str, step: int, target: Any) -> tuple[ModelConfig, Any]:
     model_cfg = load_model_config(directory, step)
-    with manager(directory, read_only=True) as mngr:
-        if target is None:
+    if target is not None:  # one leaf at a time: only one leaf's stored copy exists beside the result
+        with ParamReader(directory, step) as reader:
+            reader.check_shapes(jax.tree_util.tree_map(lambda t: t.shape, target), "the configured model")
+            return model_cfg, jax.tree_util.tree_map_with_path(
+                lambda p, t: reader.read(dotted(p), t.dtype, t.sharding), target)
+    try:
+        with manager(directory, read_only=True) as mngr:
             meta = mngr.item_metadata(step)["params"]
-            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
-                                                                 sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])),
-                                  meta)
-        params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
-    return model_cfg, params, step
+            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+            params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+    except Exception as e:
+        raise _damaged(directory, step, e) from None
+    return model_cfg, params
+
+
+class ParamReader:
+    """One step's parameters read one leaf at a time, as numpy, without restoring the
+    rest: `with ParamReader(dir, step) as r: r.read("model.norm.weight")`."""
+
+    def __init__(self, path: str, step: int | None = None):
+        self.directory, self.step = resolve(path, step)
+
+    def __enter__(self) -> "ParamReader":
+        self.model_config = load_model_config(self.directory, self.step)
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+        self._mngr = ocp.CheckpointManager(self.directory, options=options,
+                                           item_handlers={"params": ocp.PyTreeCheckpointHandler()})
+        try:
+            meta = self._mngr.item_metadata(self.step)["params"]
+            self.specs = {dotted(p): (tuple(m.shape), np.dtype(m.dtype))
+                          for p, m in jax.tree_util.tree_leaves_with_path(meta)}
+        except Exception as e:
+            self._mngr.close()
+            raise _damaged(self.directory, self.step, e) from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mngr.close()
+
+    def check_shapes(self, want: dict | Any, what: str) -> None:
+        """Every leaf of `want` ({dotted path: shape} or a tree of shapes) is stored with that shape."""
+        if not isinstance(want, dict) or any(isinstance(v, dict) for v in want.values()):
+            want = {dotted(p): s for p, s in jax.tree_util.tree_leaves_with_path(want, is_leaf=_is_shape)}
+        for path, shape in want.items():
+            if path not in self.specs:
+                raise ConfigError(f"parameter {path} of {what} is missing from checkpoint step {self.step} in "
+                                  f"{self.directory}: set the model section (preset, sizes) to the checkpoint's")
+            if self.specs[path][0] != tuple(shape):
+                raise ConfigError(f"parameter {path} is {list(self.specs[path][0])} in checkpoint step {self.step} "
+                                  f"of {self.directory} but {list(shape)} in {what}: set the model section "
+                                  "(preset, sizes) to the checkpoint's architecture")
+
+    def read(self, path: str, dtype=None, sharding=None):
+        """One leaf as numpy, or as a jax.Array on `sharding` (each host reads its shards)."""
+        shape, stored = self.specs[path]
+        dtype = dtype or stored
+        item, args = {}, {}
+        set_path(item, path, jax.ShapeDtypeStruct(shape, dtype, sharding=sharding))
+        set_path(args, path, ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype) if sharding is None else
+                 ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype, global_shape=shape))
+        try:
+            restored = self._mngr.restore(self.step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+                item, restore_args=args, partial_restore=True)))["params"]
+        except Exception as e:
+            raise _damaged(self.directory, self.step, e) from None
+        return get_path(restored, path)
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyArray:
+    """A parameter `save_params` writes without holding it beforehand: orbax asks for its
+    data (`produce()`) only when it writes it, one leaf at a time."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    produce: Callable[[], np.ndarray]
+
+
+class _LazyArrayHandler(type_handlers.NumpyHandler):
+    """Writes LazyArray leaves exactly as orbax writes numpy arrays (same files, same
+    metadata: they restore as any saved array), but one after another, so that one
+    leaf's data exists at a time."""
+
+    def __init__(self):
+        super().__init__(deepcopy_host_arrays=False)
+
+    async def _write_one(self, value: LazyArray, info, arg) -> None:
+        arr = value.produce()
+        if tuple(arr.shape) != tuple(value.shape) or arr.dtype != value.dtype:
+            raise ValueError(f"{info.name}: produced {arr.shape} {arr.dtype}, declared {value.shape} {value.dtype}")
+        spec = tensorstore_utils.build_array_write_spec(
+            info=info, arg=arg, global_shape=arr.shape, local_shape=arr.shape, dtype=arr.dtype,
+            use_ocdbt=info.is_ocdbt_checkpoint, metadata_key=self._metadata_key,
+            process_index=ocdbt_utils.get_process_index_for_subdir(use_ocdbt=info.is_ocdbt_checkpoint))
+        store = await ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+        await store.write(arr, can_reference_source_data_indefinitely=True)
+
+    async def _background_serialize(self, values, infos, args=None):
+        for value, info, arg in zip(values, infos, args):
+            await info.await_path_creation()
+            await self._write_one(value, info, arg)
+
+    async def serialize(self, values, infos, args=None):
+        args = args or [ocp.SaveArgs()] * len(values)
+        return [ocp_future.CommitFutureAwaitingContractedSignals(self._background_serialize(values, infos, args),
+                                                                 name="lazy_array_handler")]
+
+
+ocp.type_handlers.register_type_handler(LazyArray, _LazyArrayHandler(), override=True)
+
+
+def _params_handler() -> ocp.StandardCheckpointHandler:
+    """The handler every parameters item is saved with, accepting LazyArray leaves too
+    (the step records StandardCheckpointHandler, as for any other save)."""
+    handler = ocp.StandardCheckpointHandler()
+    handler._supported_types = (*STANDARD_ARRAY_TYPES, LazyArray)
+    return handler
 
 
 def save_params(out_dir: str, params: Any, model_cfg: ModelConfig, step: int = 0) -> None:
-    """Writes a parameters-only checkpoint into the (new or empty) directory out_dir."""
-    with manager(out_dir, async_save=False) as mngr:
+    """Writes a parameters-only checkpoint into the (new or empty) directory out_dir.
+    Leaves may be arrays or LazyArrays (written one at a time, as they are produced)."""
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=False, create=True)
+    with ocp.CheckpointManager(os.path.abspath(out_dir), options=options,
+                               item_handlers={"params": _params_handler(),
+                                              "model": ocp.JsonCheckpointHandler()}) as mngr:
         mngr.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             model=ocp.args.JsonSave(dataclasses.asdict(model_cfg))))
@@ -125,22 +275,64 @@ def save_train_state(mngr: ocp.CheckpointManager, step: int, state: dict, model_
         meta=ocp.args.JsonSave({"step": int(step), **meta})))
 
 
-def restore_train_state(mngr: ocp.CheckpointManager, abstract_state: dict, log=print) -> tuple[dict, dict] | None:
+DAMAGED = "damaged"  # checkpoints/damaged/<step>-<time>: set-aside steps (orbax and valid_steps read only digit names)
+
+
+def restore_train_state(mngr: ocp.CheckpointManager, abstract_state: dict, log=print,
+                        check_meta: Callable[[dict], None] | None = None) -> tuple[dict, dict] | None:
     """Restores the newest checkpoint that reads back whole onto `abstract_state`'s
-    shardings (any mesh). A corrupt or incomplete newest step is reported and the one
-    before it is tried. Returns (state, meta) or None when there is nothing to resume."""
-    for step in reversed(valid_steps(str(mngr.directory))):
+    shardings (any mesh). `check_meta(meta)` sees each candidate's meta before any of
+    its arrays is read and may raise to refuse the resume (nothing has been changed
+    then). Newer steps that do not read back are reported and moved to
+    checkpoints/damaged/: a step orbax still lists is never saved again (and blocks
+    the saves before it), so a damaged one left in place would be resumed past forever.
+    Returns (state, meta) or None when there is nothing to resume."""
+    damaged, found = [], None
+    for step in sorted(set(mngr.all_steps()) | set(valid_steps(str(mngr.directory))), reverse=True):
+        try:
+            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            damaged.append((step, e))
+            continue
+        if check_meta:
+            check_meta(meta)
         try:
             restored = mngr.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(abstract_state["params"]),
-                opt_state=ocp.args.StandardRestore(abstract_state["opt_state"]),
-                meta=ocp.args.JsonRestore()))
-        except Exception as e:  # orbax/tensorstore raise many types for damaged files
-            log(f"warning: checkpoint step {step} in {mngr.directory} could not be restored "
-                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); falling back to the previous one")
+                opt_state=ocp.args.StandardRestore(abstract_state["opt_state"])))
+        except Exception as e:
+            damaged.append((step, e))
             continue
-        meta = restored["meta"]
         state = {"step": jax.device_put(np.asarray(meta["step"], np.int32), abstract_state["step"].sharding),
                  "params": restored["params"], "opt_state": restored["opt_state"]}
-        return state, meta
-    return None
+        found = (state, meta)
+        break
+    if damaged:
+        _set_aside(mngr, damaged, found[1]["step"] if found else None, log)
+    return found
+
+
+def _set_aside(mngr: ocp.CheckpointManager, damaged: list[tuple[int, Exception]], resumed: int | None, log) -> None:
+    """Moves damaged step directories to checkpoints/damaged/ (process 0, then a barrier) and
+    makes the manager forget them, so those steps are saved again."""
+    directory = str(mngr.directory)
+    then = f"falling back to step {resumed}" if resumed is not None else "no checkpoint is left: starting from scratch"
+    for step, e in damaged:
+        where = _unused(os.path.join(directory, DAMAGED, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"))
+        if jax.process_index() == 0 and os.path.exists(os.path.join(directory, str(step))):
+            os.makedirs(os.path.dirname(where), exist_ok=True)
+            os.rename(os.path.join(directory, str(step)), where)
+        log(f"warning: checkpoint step {step} in {directory} could not be restored "
+            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); moved it to {where}; {then}")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("sc_jax:damaged_checkpoints")
+    mngr.reload()
+
+
+def _unused(path: str) -> str:
+    candidate, n = path, 1
+    while os.path.exists(candidate):
+        candidate, n = f"{path}.{n}", n + 1
+    return candidate

@@ -112,6 +112,25 @@ def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def known_only(cls, data: Any) -> Any:
+    """`data` (a raw config dict) without the keys dataclass `cls` does not have, recursively: a config
+    written by another version of this code reads back with what this version understands."""
+    if not isinstance(data, dict):
+        return data
+    types_ = _field_types(cls)
+    out = {}
+    for key, value in data.items():
+        if key not in types_:
+            continue
+        typ = types_[key]
+        sub = _dataclass_of(typ)
+        if typing.get_origin(typ) in (list, tuple):  # a list of sections, e.g. data.sources
+            out[key] = [known_only(sub, v) for v in value] if sub and isinstance(value, list) else value
+        else:
+            out[key] = known_only(sub, value) if sub else value
+    return out
+
+
 def _dataclass_of(typ):
     """The dataclass inside an annotation such as `Foo` or `Foo | None`, else None."""
     if dataclasses.is_dataclass(typ):
@@ -149,7 +168,7 @@ def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
             if i == len(keys) - 1:
                 if key == "preset":  # the preset's values, not the section's old ones
                     node.clear()
-                node[key] = yaml.safe_load(raw) if raw != "" else ""
+                node[key] = _override_value(item, raw)
                 break
             child = node.get(key)
             if child is None and node_cls is not None:  # a section the file leaves out: start from its default
@@ -160,19 +179,55 @@ def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
     return data
 
 
+def _override_value(item: str, raw: str):
+    if raw == "":
+        return ""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)})") from None
+
+
 def load_yaml(cls, path: str | None, overrides: list[str] = ()):
-    data: dict = {}
-    if path:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file '{path}' does not exist")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    data = read_yaml_file(path) if path else {}
     return from_dict(cls, apply_overrides(data, list(overrides), cls))
+
+
+def read_yaml_file(path: str) -> dict:
+    """A config file's top-level mapping; a missing, unreadable or malformed file is a ConfigError
+    (YAML mistakes as `file:line:column: what`, the position editors jump to)."""
+    if not os.path.exists(path):
+        raise ConfigError(f"config file '{path}' does not exist")
+    if os.path.isdir(path):
+        raise ConfigError(f"config file '{path}' is a directory: pass a YAML file")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}:{_yaml_position(e)} not valid YAML: {_yaml_problem(e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file '{path}': {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level (section: keys), "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def _yaml_position(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    return f"{mark.line + 1}:{mark.column + 1}:" if mark is not None else ""
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    problem, context = getattr(e, "problem", None), getattr(e, "context", None)
+    if not problem:
+        return str(e).splitlines()[0]
+    mark = getattr(e, "context_mark", None)
+    if context and mark is not None:
+        context += f" from {mark.line + 1}:{mark.column + 1}"
+    return f"{problem} ({context})" if context else problem
 
 
 def dump_yaml(cfg, path: str) -> None:
@@ -233,6 +288,15 @@ class ModelConfig:
         return int(self.head_dim * self.partial_rotary_factor)
 
     def validate(self) -> "ModelConfig":
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings", "max_segments"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"model.{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("rope_theta", "layer_norm_eps"):
+            if not getattr(self, key) > 0:  # NaN fails too
+                raise ConfigError(f"model.{key} must be positive, got {getattr(self, key)}")
+        if not 0 < self.partial_rotary_factor <= 1:
+            raise ConfigError(f"model.partial_rotary_factor must be within (0, 1], got {self.partial_rotary_factor}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:

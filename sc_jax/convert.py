@@ -1,7 +1,10 @@
 """Checkpoint conversion between Hugging Face (`StableLmForCausalLM`) and orbax.
 
-    python -m sc_jax.convert hf-to-orbax --hf DIR --out DIR
-    python -m sc_jax.convert orbax-to-hf --ckpt DIR --out DIR [--step N] [--dtype bfloat16|float32]
+    python -m sc_jax.convert hf-to-orbax --hf DIR --out DIR [--dtype source|float32|bfloat16]
+    python -m sc_jax.convert orbax-to-hf --ckpt DIR --out DIR [--step N] [--dtype bfloat16|float32|float16]
+
+Both directions stream: one of our parameters (a stack of one tensor over all layers)
+is in memory at a time, so a model converts in little more than its largest tensor.
 
 Because our attribute names mirror HF's, conversion is a name map plus reshapes:
 HF `nn.Linear` weights are [out, in]; ours keep heads as their own axis
@@ -17,6 +20,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import ml_dtypes
@@ -24,130 +28,302 @@ import numpy as np
 
 from sc_jax.config import ConfigError, ModelConfig
 from sc_jax.fileio import atomic_directory
-from sc_jax.hf_io import HFCheckpoint, write_sharded
+from sc_jax.hf_io import CONFIG_NAME, HFCheckpoint, TensorSpec, write_sharded
+from sc_jax.pytree import get_path, set_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "generation_config.json")
 NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+HF_MODEL_TYPES = ("stablelm", "stablelm_epoch")  # stablelm_epoch: StableLM-3B-4E1T's original remote-code config
+HF_ARCHITECTURES = ("StableLmForCausalLM", "StableLMEpochForCausalLM")
+IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)  # buffers some exports carry; recomputed from the config
 
 
-# Per-layer tensors: (our path under model.layers, HF name under model.layers.{i}, to_hf, from_hf).
-# to_hf maps one layer's array [our shape] -> HF array; from_hf the inverse.
-def _layer_map(cfg: ModelConfig) -> list[tuple[str, str, Callable, Callable]]:
-    E, H, K, D = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    same = (lambda a: a, lambda a: a)
-    T = (lambda a: a.T, lambda a: a.T)
+# ----------------------------------------------------------------------------- the name map
 
-    def proj(heads):  # [E, heads, D] <-> [heads*D, E]
-        return (lambda a: a.reshape(E, heads * D).T, lambda a: a.T.reshape(E, heads, D))
 
-    def bias(heads):  # [heads, D] <-> [heads*D]
-        return (lambda a: a.reshape(heads * D), lambda a: a.reshape(heads, D))
+@dataclass(frozen=True)
+class Leaf:
+    """One of our parameters and the HF tensors it is made of.
 
-    entries = [
-        ("input_layernorm.weight", "input_layernorm.weight", *same),
-        ("input_layernorm.bias", "input_layernorm.bias", *same),
-        ("self_attn.q_proj", "self_attn.q_proj.weight", *proj(H)),
-        ("self_attn.k_proj", "self_attn.k_proj.weight", *proj(K)),
-        ("self_attn.v_proj", "self_attn.v_proj.weight", *proj(K)),
-        ("self_attn.o_proj", "self_attn.o_proj.weight", lambda a: a.reshape(H * D, E).T, lambda a: a.T.reshape(H, D, E)),
-        ("mlp.gate_proj", "mlp.gate_proj.weight", *T),
-        ("mlp.up_proj", "mlp.up_proj.weight", *T),
-        ("mlp.down_proj", "mlp.down_proj.weight", *T),
+    A per-layer leaf is stacked over layers on axis 0, from one HF tensor per layer
+    (`hf_name` holds `{i}`), or from one per head when `heads` > 0 (`{h}`: qk norms)."""
+
+    path: str  # dotted path in our parameter tree
+    shape: tuple[int, ...]  # our shape, [layers, ...] when per layer
+    hf_name: str
+    hf_shape: tuple[int, ...]  # one HF tensor
+    from_hf: Callable[[np.ndarray], np.ndarray] = lambda a: a
+    to_hf: Callable[[np.ndarray], np.ndarray] = lambda a: a
+    per_layer: bool = False
+    heads: int = 0
+    keys: str = "hidden_size"  # the config.json keys that set its shape (for error messages)
+
+    def hf_names(self, layer: int | None) -> list[str]:
+        if self.heads:
+            return [self.hf_name.format(i=layer, h=h) for h in range(self.heads)]
+        return [self.hf_name.format(i=layer)]
+
+    def hf_specs(self, num_layers: int, dtype) -> list[TensorSpec]:
+        layers = range(num_layers) if self.per_layer else [None]
+        return [TensorSpec(name, self.hf_shape, np.dtype(dtype)) for i in layers for name in self.hf_names(i)]
+
+
+def _layer_leaves(cfg: ModelConfig) -> list[Leaf]:
+    E, H, K, D, I, L = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                        cfg.intermediate_size, cfg.num_hidden_layers)
+    T = dict(from_hf=lambda a: a.T, to_hf=lambda a: a.T)
+
+    def proj(heads):  # ours [E, heads, D] <-> HF [heads*D, E]
+        return dict(from_hf=lambda a: a.T.reshape(E, heads, D), to_hf=lambda a: a.reshape(E, heads * D).T)
+
+    def bias(heads):  # ours [heads, D] <-> HF [heads*D]
+        return dict(from_hf=lambda a: a.reshape(heads, D), to_hf=lambda a: a.reshape(heads * D))
+
+    def leaf(ours, theirs, shape, hf_shape, keys, **kw):
+        return Leaf(f"model.layers.{ours}", (L, *shape), f"model.layers.{{i}}.{theirs}", hf_shape, per_layer=True,
+                    keys=f"{keys}, num_hidden_layers", **kw)
+
+    heads_keys = "hidden_size, num_attention_heads"
+    kv_keys = "hidden_size, num_attention_heads, num_key_value_heads"
+    leaves = [
+        leaf("input_layernorm.weight", "input_layernorm.weight", (E,), (E,), "hidden_size"),
+        leaf("input_layernorm.bias", "input_layernorm.bias", (E,), (E,), "hidden_size"),
+        leaf("self_attn.q_proj", "self_attn.q_proj.weight", (E, H, D), (H * D, E), heads_keys, **proj(H)),
+        leaf("self_attn.k_proj", "self_attn.k_proj.weight", (E, K, D), (K * D, E), kv_keys, **proj(K)),
+        leaf("self_attn.v_proj", "self_attn.v_proj.weight", (E, K, D), (K * D, E), kv_keys, **proj(K)),
+        leaf("self_attn.o_proj", "self_attn.o_proj.weight", (H, D, E), (E, H * D), heads_keys,
+             from_hf=lambda a: a.T.reshape(H, D, E), to_hf=lambda a: a.reshape(H * D, E).T),
+        leaf("mlp.gate_proj", "mlp.gate_proj.weight", (E, I), (I, E), "hidden_size, intermediate_size", **T),
+        leaf("mlp.up_proj", "mlp.up_proj.weight", (E, I), (I, E), "hidden_size, intermediate_size", **T),
+        leaf("mlp.down_proj", "mlp.down_proj.weight", (I, E), (E, I), "hidden_size, intermediate_size", **T),
     ]
     if not cfg.use_parallel_residual:
-        entries += [("post_attention_layernorm.weight", "post_attention_layernorm.weight", *same),
-                    ("post_attention_layernorm.bias", "post_attention_layernorm.bias", *same)]
+        leaves += [leaf("post_attention_layernorm.weight", "post_attention_layernorm.weight", (E,), (E,), "hidden_size"),
+                   leaf("post_attention_layernorm.bias", "post_attention_layernorm.bias", (E,), (E,), "hidden_size")]
     if cfg.use_qkv_bias:
-        entries += [("self_attn.q_bias", "self_attn.q_proj.bias", *bias(H)),
-                    ("self_attn.k_bias", "self_attn.k_proj.bias", *bias(K)),
-                    ("self_attn.v_bias", "self_attn.v_proj.bias", *bias(K))]
-    return entries
+        leaves += [leaf("self_attn.q_bias", "self_attn.q_proj.bias", (H, D), (H * D,), heads_keys, **bias(H)),
+                   leaf("self_attn.k_bias", "self_attn.k_proj.bias", (K, D), (K * D,), kv_keys, **bias(K)),
+                   leaf("self_attn.v_bias", "self_attn.v_proj.bias", (K, D), (K * D,), kv_keys, **bias(K))]
+    if cfg.qk_layernorm:  # ours [heads, D] per layer <-> HF one [D] weight per head
+        leaves += [leaf("self_attn.q_layernorm.weight", "self_attn.q_layernorm.norms.{h}.weight", (H, D), (D,),
+                        heads_keys, heads=H),
+                   leaf("self_attn.k_layernorm.weight", "self_attn.k_layernorm.norms.{h}.weight", (K, D), (D,),
+                        kv_keys, heads=K)]
+    return leaves
 
 
-def _qk_norm_entries(cfg: ModelConfig):
-    """qk LayerNorm: ours [heads, D] per layer <-> HF one [D] weight per head."""
-    if not cfg.qk_layernorm:
-        return []
-    return [("self_attn.q_layernorm.weight", "self_attn.q_layernorm.norms.{h}.weight", cfg.num_attention_heads),
-            ("self_attn.k_layernorm.weight", "self_attn.k_layernorm.norms.{h}.weight", cfg.num_key_value_heads)]
+def leaves(cfg: ModelConfig) -> list[Leaf]:
+    """Every parameter of the model `cfg` describes, in a fixed order."""
+    V, E = cfg.vocab_size, cfg.hidden_size
+    out = [Leaf("model.embed_tokens.embedding", (V, E), "model.embed_tokens.weight", (V, E),
+                keys="vocab_size, hidden_size"),
+           *_layer_leaves(cfg),
+           Leaf("model.norm.weight", (E,), "model.norm.weight", (E,)),
+           Leaf("model.norm.bias", (E,), "model.norm.bias", (E,))]
+    if not cfg.tie_word_embeddings:
+        out.append(Leaf("lm_head", (E, V), "lm_head.weight", (V, E), from_hf=lambda a: a.T, to_hf=lambda a: a.T,
+                        keys="vocab_size, hidden_size"))
+    return out
 
 
-def _get(tree: dict, dotted: str):
-    for key in dotted.split("."):
-        tree = tree[key]
-    return tree
+# ----------------------------------------------------------------------------- HF -> ours
 
 
-def _set(tree: dict, dotted: str, value) -> None:
-    *head, last = dotted.split(".")
-    for key in head:
-        tree = tree.setdefault(key, {})
-    tree[last] = value
+def check_architecture(hf_config: dict, directory: str) -> None:
+    """Only StableLM checkpoints: another model's tensors can have our names and shapes."""
+    model_type = hf_config.get("model_type")
+    archs = hf_config.get("architectures") or []
+    if model_type not in HF_MODEL_TYPES or any(a not in HF_ARCHITECTURES for a in archs):
+        what = f"model_type '{model_type}'" if model_type else "no model_type"
+        raise ConfigError(f"{os.path.join(directory, CONFIG_NAME)} has {what}"
+                          + (f" ({', '.join(map(str, archs))})" if archs else "")
+                          + ": sc_jax converts StableLM checkpoints only (model_type 'stablelm', StableLmForCausalLM)")
+
+
+def _layers_in_file(names) -> set[int]:
+    return {int(n.split(".")[2]) for n in names if n.startswith("model.layers.") and n.split(".")[2].isdigit()}
+
+
+def check_tensors(cfg: ModelConfig, hf: HFCheckpoint) -> None:
+    """Every tensor is there, with the shape the config implies, and nothing else is."""
+    in_file = _layers_in_file(hf.names())
+    if in_file and in_file != set(range(cfg.num_hidden_layers)):
+        raise ConfigError(f"config.json in {hf.directory} says {cfg.num_hidden_layers} layers but the weights hold "
+                          f"{len(in_file)}: the config does not belong to these weights")
+    expected = {}
+    for leaf in leaves(cfg):
+        for spec in leaf.hf_specs(cfg.num_hidden_layers, np.float32):
+            expected[spec.name] = (spec.shape, leaf.keys)
+    for name, (shape, keys) in expected.items():
+        if name not in hf:
+            raise ConfigError(f"tensor {name} is missing from {hf.directory}, but config.json implies it "
+                              "(check use_qkv_bias, qk_layernorm, use_parallel_residual, tie_word_embeddings)")
+        spec = hf.spec(name)
+        if spec.shape != shape:
+            raise ConfigError(f"tensor {name} in {hf.directory} has shape {list(spec.shape)} but config.json "
+                              f"({keys}) implies {list(shape)}: the config does not belong to these weights")
+        if spec.dtype.kind != "f" and spec.dtype != ml_dtypes.bfloat16:
+            raise ConfigError(f"tensor {name} in {hf.directory} has dtype {spec.dtype}: weights must be floating point")
+    extra = sorted(n for n in hf.names() if n not in expected and not n.endswith(IGNORED_HF_TENSORS))
+    if extra:
+        raise ConfigError(f"tensor {extra[0]} in {hf.directory} is not part of the model config.json describes"
+                          + (f" ({len(extra)} such tensors)" if len(extra) > 1 else "")
+                          + " (check use_qkv_bias, qk_layernorm, use_parallel_residual, tie_word_embeddings)")
+
+
+def open_hf(directory: str, **ours) -> tuple[ModelConfig, HFCheckpoint]:
+    """(ModelConfig, tensors) of a HF directory, checked before any tensor is read."""
+    hf = HFCheckpoint(directory)
+    hf_config = hf.config()
+    check_architecture(hf_config, directory)
+    cfg = ModelConfig.from_hf_dict(hf_config, **ours)
+    check_tensors(cfg, hf)
+    return cfg, hf
+
+
+def is_hf_directory(path: str) -> bool:
+    """A HF model directory (config.json beside the weights), rather than an orbax checkpoint."""
+    return os.path.isfile(os.path.join(path, CONFIG_NAME))
+
+
+def _read_one(hf: HFCheckpoint, leaf: Leaf, layer: int | None) -> np.ndarray:
+    parts = [hf.read(name) for name in leaf.hf_names(layer)]
+    return np.stack(parts) if leaf.heads else leaf.from_hf(parts[0])
+
+
+def read_leaf(hf: HFCheckpoint, leaf: Leaf, dtype, index: tuple = ()) -> np.ndarray:
+    """Our leaf (or the block `index` of it) as numpy `dtype`, read one HF tensor at a time:
+    a per-layer leaf reads only the layers the block covers."""
+    if not leaf.per_layer:
+        return np.ascontiguousarray(_read_one(hf, leaf, None)[index], dtype=dtype)
+    index = tuple(index) + (slice(None),) * (len(leaf.shape) - len(index))
+    out = None
+    layers = range(leaf.shape[0])[index[0]]
+    for j, layer in enumerate(layers):
+        block = _read_one(hf, leaf, layer)[index[1:]]
+        if out is None:
+            out = np.empty((len(layers), *block.shape), dtype)
+        out[j] = block
+    return out
 
 
 def hf_to_params(cfg: ModelConfig, hf: HFCheckpoint, dtype=np.float32) -> dict:
-    """HF tensors -> our pure parameter dict (numpy, `dtype`)."""
-    L = cfg.num_hidden_layers
-    cast = lambda a: np.asarray(a, dtype=dtype)  # noqa: E731
+    """HF tensors -> our whole parameter dict (numpy, `dtype`). Holds the whole model:
+    conversion and training streams instead (`read_leaf`)."""
     params: dict = {}
-    _set(params, "model.embed_tokens.embedding", cast(hf["model.embed_tokens.weight"]))
-    _set(params, "model.norm.weight", cast(hf["model.norm.weight"]))
-    _set(params, "model.norm.bias", cast(hf["model.norm.bias"]))
-    if not cfg.tie_word_embeddings:
-        _set(params, "lm_head", cast(hf["lm_head.weight"]).T)
-    for ours, theirs, _, from_hf in _layer_map(cfg):
-        _set(params, f"model.layers.{ours}",
-             np.stack([cast(from_hf(hf[f"model.layers.{i}.{theirs}"])) for i in range(L)]))
-    for ours, theirs, heads in _qk_norm_entries(cfg):
-        _set(params, f"model.layers.{ours}", np.stack([
-            np.stack([cast(hf[f"model.layers.{i}." + theirs.format(h=h)]) for h in range(heads)]) for i in range(L)]))
-    n_layers_in_file = len({n.split(".")[2] for n in hf.names() if n.startswith("model.layers.")})
-    if n_layers_in_file != L:
-        raise ConfigError(f"config says {L} layers but the weights hold {n_layers_in_file}")
+    for leaf in leaves(cfg):
+        set_path(params, leaf.path, read_leaf(hf, leaf, dtype))
     return params
 
 
+def load_hf(directory: str, dtype=np.float32, **ours) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params as numpy `dtype`) from a HF model directory."""
+    cfg, hf = open_hf(directory, **ours)
+    return cfg, hf_to_params(cfg, hf, dtype)
+
+
+def hf_params_onto(directory: str, target: dict) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, params) of a HF directory as jax arrays on `target`'s shardings (a
+    tree of ShapeDtypeStructs): each device's block is read from the HF tensors it needs
+    and cast to the target dtype, so neither the whole model nor a host copy of a whole
+    leaf is built unless a device holds it whole."""
+    import jax
+
+    cfg, hf = open_hf(directory)
+    params: dict = {}
+    for leaf in leaves(cfg):
+        want = _target_leaf(target, leaf, directory)
+        set_path(params, leaf.path, jax.make_array_from_callback(
+            leaf.shape, want.sharding, _BlockReader(hf, leaf, want.dtype)))
+    missing = sorted(set(_dotted_leaves(target)) - {leaf.path for leaf in leaves(cfg)})
+    if missing:
+        raise ConfigError(f"train.init_from '{directory}' has no parameter {missing[0]}, which the configured model "
+                          "has: set the model section (preset, sizes) to the checkpoint's architecture")
+    return cfg, params
+
+
+def _target_leaf(target: dict, leaf: Leaf, directory: str):
+    try:
+        want = get_path(target, leaf.path)
+    except (KeyError, TypeError):
+        raise ConfigError(f"train.init_from '{directory}' has parameter {leaf.path}, which the configured model "
+                          "lacks: set the model section (preset, sizes) to the checkpoint's architecture") from None
+    if tuple(want.shape) != leaf.shape:
+        raise ConfigError(f"parameter {leaf.path} is {list(leaf.shape)} in train.init_from '{directory}' but "
+                          f"{list(want.shape)} in the configured model: set the model section (preset, sizes) to "
+                          "the checkpoint's architecture")
+    return want
+
+
+def _dotted_leaves(tree: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        out += _dotted_leaves(value, path + ".") if isinstance(value, dict) else [path]
+    return out
+
+
+class _BlockReader:
+    """make_array_from_callback's callback: one device's block of a leaf. Devices that
+    hold the same block (replication) share one read."""
+
+    def __init__(self, hf: HFCheckpoint, leaf: Leaf, dtype):
+        self.hf, self.leaf, self.dtype = hf, leaf, dtype
+        self._last: tuple | None = None
+
+    def __call__(self, index: tuple) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in index)
+        if self._last is None or self._last[0] != key:
+            self._last = (key, read_leaf(self.hf, self.leaf, self.dtype, index))
+        return self._last[1]
+
+
+# ----------------------------------------------------------------------------- ours -> HF
+
+
+def hf_specs(cfg: ModelConfig, dtype) -> list[TensorSpec]:
+    """The HF tensors of `cfg`, in the order `hf_tensors` yields them (one leaf after another)."""
+    return [spec for leaf in leaves(cfg) for spec in leaf.hf_specs(cfg.num_hidden_layers, dtype)]
+
+
+def hf_tensors(cfg: ModelConfig, read: Callable[[Leaf], np.ndarray], dtype) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, array) pairs, asking `read` for one of our leaves at a time."""
+    for leaf in leaves(cfg):
+        yield from _leaf_to_hf(leaf, read(leaf), cfg.num_hidden_layers, dtype)
+
+
+def _leaf_to_hf(leaf: Leaf, ours: np.ndarray, num_layers: int, dtype) -> Iterator[tuple[str, np.ndarray]]:
+    # Its own generator, so that nothing keeps this leaf alive once its tensors are written.
+    for i in range(num_layers) if leaf.per_layer else [None]:
+        one = ours[i] if leaf.per_layer else ours
+        pairs = zip(leaf.hf_names(i), one) if leaf.heads else [(leaf.hf_names(i)[0], leaf.to_hf(one))]
+        for name, arr in pairs:
+            yield name, np.ascontiguousarray(arr, dtype=dtype)
+
+
 def params_to_hf(cfg: ModelConfig, params: dict, dtype=np.float32) -> Iterator[tuple[str, np.ndarray]]:
-    """Our parameters -> (HF name, array) pairs, one tensor at a time."""
-    cast = lambda a: np.ascontiguousarray(np.asarray(a).astype(dtype))  # noqa: E731
-    yield "model.embed_tokens.weight", cast(_get(params, "model.embed_tokens.embedding"))
-    for i in range(cfg.num_hidden_layers):
-        for ours, theirs, to_hf, _ in _layer_map(cfg):
-            yield f"model.layers.{i}.{theirs}", cast(to_hf(np.asarray(_get(params, f"model.layers.{ours}")[i])))
-        for ours, theirs, heads in _qk_norm_entries(cfg):
-            stacked = np.asarray(_get(params, f"model.layers.{ours}")[i])
-            for h in range(heads):
-                yield f"model.layers.{i}." + theirs.format(h=h), cast(stacked[h])
-    yield "model.norm.weight", cast(_get(params, "model.norm.weight"))
-    yield "model.norm.bias", cast(_get(params, "model.norm.bias"))
-    if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", cast(np.asarray(_get(params, "lm_head")).T)
+    """Our parameter dict -> (HF name, array) pairs, one tensor at a time."""
+    return hf_tensors(cfg, lambda leaf: np.asarray(get_path(params, leaf.path)), dtype)
 
 
-def load_hf(directory: str, **ours) -> tuple[ModelConfig, dict]:
-    """(ModelConfig, fp32 params) from a HF model directory."""
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.exists(config_path):
-        raise ConfigError(f"'{directory}' has no config.json: pass a Hugging Face model directory")
-    cfg = ModelConfig.from_hf_json(config_path, **ours)
-    return cfg, hf_to_params(cfg, HFCheckpoint(directory))
-
-
-def save_hf(out_dir: str, cfg: ModelConfig, params: dict, dtype: str = "bfloat16", tokenizer_from: str | None = None,
-            max_shard_gb: float = 5.0) -> None:
-    """Writes a HF model directory atomically: everything goes to a temporary sibling
-    directory that is renamed to out_dir only when complete."""
+def save_hf(out_dir: str, cfg: ModelConfig, params: dict | Callable[[Leaf], np.ndarray], dtype: str = "bfloat16",
+            tokenizer_from: str | None = None, max_shard_gb: float = 5.0) -> None:
+    """Writes a HF model directory atomically (a temporary sibling directory renamed to
+    out_dir when complete). `params` is our parameter dict, or a function that returns
+    one leaf at a time (streaming from a checkpoint)."""
     if dtype not in NP_DTYPES:
         raise ConfigError(f"--dtype must be one of {sorted(NP_DTYPES)}, got '{dtype}'")
+    np_dtype = NP_DTYPES[dtype]
+    read = params if callable(params) else (lambda leaf: np.asarray(get_path(params, leaf.path)))
     with atomic_directory(out_dir) as tmp:
         hf_cfg = cfg.to_hf_dict()
         hf_cfg["torch_dtype"] = dtype
-        with open(os.path.join(tmp, "config.json"), "w") as f:
+        with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
             json.dump(hf_cfg, f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}, f, indent=2)
-        write_sharded(tmp, params_to_hf(cfg, params, NP_DTYPES[dtype]), int(max_shard_gb * 2**30))
+        write_sharded(tmp, hf_specs(cfg, np_dtype), hf_tensors(cfg, read, np_dtype), int(max_shard_gb * 2**30))
         if tokenizer_from:
             copy_tokenizer(tokenizer_from, tmp)
             _tokenizer_config(tmp)
@@ -181,18 +357,72 @@ def _tokenizer_config(dst_dir: str) -> None:
             json.dump(config, f, indent=2)
 
 
+def find_tokenizer(ckpt_path: str) -> str | None:
+    """A tokenizer that travels with a checkpoint: CKPT/tokenizer/, a run's tokenizer.json,
+    or either of those beside the checkpoint directory a step is in (RUN/checkpoints/N)."""
+    path = os.path.abspath(ckpt_path)
+    for base in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+        for cand in (os.path.join(base, "tokenizer"), os.path.join(base, "tokenizer.json")):
+            if os.path.isfile(cand) or (os.path.isdir(cand) and os.path.exists(os.path.join(cand, "tokenizer.json"))):
+                return cand
+    return None
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
-def hf_to_orbax(hf_dir: str, out_dir: str) -> None:
+class _Progress:
+    """One line per parameter on long conversions: which, its size, elapsed time."""
+
+    def __init__(self, total: int, t0: float):
+        self.total, self.done, self.t0 = total, 0, t0
+
+    def __call__(self, leaf: Leaf, dtype) -> None:
+        self.done += 1
+        print(f"  [{self.done}/{self.total}] {leaf.path} {list(leaf.shape)} {np.dtype(dtype).name} "
+              f"({time.time() - self.t0:.1f}s)", flush=True)
+        _fault_injection_pause(self.done)
+
+
+def _fault_injection_pause(done: int) -> None:
+    """Tests of interrupted conversions set SC_JAX_CONVERT_PAUSE_AFTER=N: the conversion
+    waits after its N-th parameter until it is killed."""
+    if os.environ.get("SC_JAX_CONVERT_PAUSE_AFTER") == str(done):
+        print("paused", flush=True)
+        while True:
+            time.sleep(0.05)
+
+
+def _orbax_dtype(requested: str, leaf_dtype) -> np.dtype:
+    return np.dtype(leaf_dtype) if requested == "source" else np.dtype(NP_DTYPES[requested])
+
+
+def hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = "source") -> None:
+    """HF directory -> orbax checkpoint, one of our parameters at a time."""
     from sc_jax import checkpoint
 
     t0 = time.time()
-    print(f"reading {hf_dir} ...", flush=True)
-    cfg, params = load_hf(hf_dir)
-    n = sum(a.size for a in _leaves(params))
-    print(f"  {n:,} parameters, {cfg.num_hidden_layers} layers ({time.time() - t0:.1f}s); writing orbax to {out_dir} ...",
-          flush=True)
+    if dtype != "source" and dtype not in NP_DTYPES:
+        raise ConfigError(f"--dtype must be source or one of {sorted(NP_DTYPES)}, got '{dtype}'")
+    cfg, hf = open_hf(hf_dir)
+    plan = leaves(cfg)
+    print(f"reading {hf_dir}: {cfg.num_params():,} parameters, {cfg.num_hidden_layers} layers; "
+          f"writing orbax to {out_dir} ...", flush=True)
+    progress = _Progress(len(plan), t0)
+
+    def lazy(leaf: Leaf):
+        leaf_dtype = _orbax_dtype(dtype, hf.spec(leaf.hf_names(0 if leaf.per_layer else None)[0]).dtype)
+
+        def produce():
+            arr = read_leaf(hf, leaf, leaf_dtype)
+            progress(leaf, leaf_dtype)
+            return arr
+
+        return checkpoint.LazyArray(leaf.shape, leaf_dtype, produce)
+
+    params: dict = {}
+    for leaf in plan:
+        set_path(params, leaf.path, lazy(leaf))
     with atomic_directory(out_dir) as tmp:
         checkpoint.save_params(tmp, params, cfg)
         tok_dir = os.path.join(tmp, "tokenizer")
@@ -202,56 +432,77 @@ def hf_to_orbax(hf_dir: str, out_dir: str) -> None:
     print(f"done in {time.time() - t0:.1f}s: {out_dir}")
 
 
-def find_tokenizer(ckpt_path: str) -> str | None:
-    """A tokenizer that travels with a checkpoint: CKPT/tokenizer/ or a run's tokenizer.json."""
-    for cand in (os.path.join(ckpt_path, "tokenizer"), os.path.join(ckpt_path, "tokenizer.json"),
-                 os.path.join(os.path.dirname(os.path.normpath(ckpt_path)), "tokenizer"),
-                 os.path.join(os.path.dirname(os.path.normpath(ckpt_path)), "tokenizer.json")):
-        if os.path.isfile(cand) or (os.path.isdir(cand) and os.path.exists(os.path.join(cand, "tokenizer.json"))):
-            return cand
-    return None
-
-
 def orbax_to_hf(ckpt: str, out_dir: str, step: int | None = None, dtype: str = "bfloat16",
                 tokenizer: str | None = None) -> None:
+    """orbax checkpoint -> HF directory, restoring one of our parameters at a time. When no
+    step is named and the newest cannot be read, the one before it is exported."""
+    from sc_jax import checkpoint
+
+    if dtype not in NP_DTYPES:
+        raise ConfigError(f"--dtype must be one of {sorted(NP_DTYPES)}, got '{dtype}'")
+    if tokenizer is not None and not os.path.exists(tokenizer):
+        raise ConfigError(f"tokenizer '{tokenizer}' does not exist: pass a tokenizer.json or a directory holding one")
+    directory, newest = checkpoint.resolve(ckpt, step)
+    candidates = [newest] if step is not None else [s for s in reversed(checkpoint.valid_steps(directory))]
+    tokenizer = tokenizer or find_tokenizer(ckpt)
+    for n, candidate in enumerate(candidates):
+        try:
+            _export_step(directory, candidate, out_dir, dtype, tokenizer)
+            return
+        except checkpoint.DamagedCheckpoint as e:
+            if n + 1 == len(candidates):
+                raise
+            print(f"warning: {e}; exporting step {candidates[n + 1]} instead", file=sys.stderr, flush=True)
+
+
+def _export_step(directory: str, step: int, out_dir: str, dtype: str, tokenizer: str | None) -> None:
     from sc_jax import checkpoint
 
     t0 = time.time()
-    if dtype not in NP_DTYPES:
-        raise ConfigError(f"--dtype must be one of {sorted(NP_DTYPES)}, got '{dtype}'")
-    cfg, params, step = checkpoint.load_params(ckpt, step)
-    print(f"restored step {step} from {ckpt} ({time.time() - t0:.1f}s); writing {dtype} safetensors to {out_dir} ...",
-          flush=True)
-    tokenizer = tokenizer or find_tokenizer(ckpt)
-    save_hf(out_dir, cfg, checkpoint.to_numpy(params), dtype=dtype, tokenizer_from=tokenizer)
+    with checkpoint.ParamReader(directory, step) as reader:
+        cfg = reader.model_config
+        reader.check_shapes({leaf.path: leaf.shape for leaf in leaves(cfg)}, "its own model config")
+        print(f"exporting step {step} of {directory} ({cfg.num_params():,} parameters) as {dtype} safetensors "
+              f"to {out_dir} ...", flush=True)
+        progress = _Progress(len(leaves(cfg)), t0)
+
+        def read(leaf: Leaf) -> np.ndarray:
+            arr = reader.read(leaf.path)
+            progress(leaf, arr.dtype)
+            return arr
+
+        save_hf(out_dir, cfg, read, dtype=dtype, tokenizer_from=tokenizer)
     print(f"done in {time.time() - t0:.1f}s: {out_dir}" + ("" if tokenizer else " (no tokenizer found to copy)"))
 
 
-def _leaves(tree):
-    if isinstance(tree, dict):
-        for v in tree.values():
-            yield from _leaves(v)
-    else:
-        yield tree
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sc_jax.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("hf-to-orbax", help="HF directory (config.json + safetensors) -> orbax checkpoint")
-    a.add_argument("--hf", required=True, help="Hugging Face model directory")
-    a.add_argument("--out", required=True, help="new orbax checkpoint directory")
-    b = sub.add_parser("orbax-to-hf", help="orbax checkpoint or training run directory -> HF directory")
+    parser = _Parser(prog="python -m sc_jax.convert", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    a = sub.add_parser("hf-to-orbax", help="HF directory (config.json + safetensors) -> orbax checkpoint",
+                       formatter_class=fmt)
+    a.add_argument("--hf", required=True, help="Hugging Face model directory (StableLM)")
+    a.add_argument("--out", required=True, help="new orbax checkpoint directory (must not exist, or be empty)")
+    a.add_argument("--dtype", default="source", choices=["source", *sorted(NP_DTYPES)],
+                   help="dtype of the stored parameters: source keeps each tensor's own")
+    b = sub.add_parser("orbax-to-hf", help="orbax checkpoint or training run directory -> HF directory",
+                       formatter_class=fmt)
     b.add_argument("--ckpt", required=True, help="orbax checkpoint directory, a step in it, or a training run directory")
-    b.add_argument("--out", required=True, help="new Hugging Face model directory")
-    b.add_argument("--step", type=int, default=None, help="step to export (default: newest)")
+    b.add_argument("--out", required=True, help="new Hugging Face model directory (must not exist, or be empty)")
+    b.add_argument("--step", type=int, default=None, help="step to export (default: the newest readable one)")
     b.add_argument("--dtype", default="bfloat16", choices=sorted(NP_DTYPES), help="dtype of the exported weights")
-    b.add_argument("--tokenizer", default=None, help="tokenizer.json or directory to copy (default: found beside the checkpoint)")
+    b.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json or directory to copy (default: found beside the checkpoint)")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "hf-to-orbax":
-            hf_to_orbax(args.hf, args.out)
+            hf_to_orbax(args.hf, args.out, args.dtype)
         else:
             orbax_to_hf(args.ckpt, args.out, args.step, args.dtype, args.tokenizer)
     except (ConfigError, OSError) as e:

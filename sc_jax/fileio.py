@@ -5,23 +5,60 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import tempfile
 
 from sc_jax.config import ConfigError
 
 
+def _host() -> str:
+    return socket.gethostname().replace("-", "_")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _owner_is_gone(owner: str) -> bool:
+    """For the `HOST-PID-random` part of a temporary's name: whether it was left by a
+    process of this host that no longer runs (killed mid-write)."""
+    parts = owner.split("-")
+    if len(parts) != 3 or not parts[1].isdigit() or parts[0] != _host():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _remove_stale_temporaries(parent: str, base: str) -> None:
+    prefix = f".tmp-{base}-"
+    for name in os.listdir(parent):
+        if name.startswith(prefix) and _owner_is_gone(name[len(prefix):]):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str):
     """Yields a temporary sibling of `out_dir`, renamed to `out_dir` only when the block
-    completes: a crash or bad input leaves nothing half-written behind."""
+    completes: a crash or bad input leaves nothing half-written behind. A temporary left
+    by a process that was killed is removed on the next attempt. The result gets the
+    permissions of any new directory (the temporary is created private)."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ConfigError(f"output directory '{out_dir}' exists and is not empty: choose a new --out")
-    parent = os.path.dirname(out_dir)
+    parent, base = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(out_dir)}-", dir=parent)
+    _remove_stale_temporaries(parent, base)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{base}-{_host()}-{os.getpid()}-", dir=parent)
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         if os.path.exists(out_dir):
             os.rmdir(out_dir)
         os.replace(tmp, out_dir)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import os
 import sys
 import time
@@ -435,6 +436,9 @@ class Generator:
     def _generate_batch(self, prompts, rows, max_new, temperature, top_p, top_k, stop_tokens, seed, stop_check,
                         return_logits):
         n = len(prompts)
+        # No row goes past the context, so the shortest prompt bounds the steps: asking for
+        # more must not grow the output buffer and the cache past it.
+        max_new = min(max_new, self.cfg.max_position_embeddings - min(map(len, prompts)))
         B, P, N = _bucket(n), _bucket(max(map(len, prompts)), MIN_PROMPT_BUCKET), _bucket(max_new, MIN_NEW_BUCKET)
         pad_id = int(stop_tokens[0]) if stop_tokens else 0
         ids = np.full((B, P), pad_id, np.int32)
@@ -513,14 +517,23 @@ class Generator:
         keeps its last tokens, leaving room for max_new_tokens (or half the context)."""
         if isinstance(prompts, str):
             raise ConfigError("complete() takes a list of prompts, got a single string")
-        tok = self._tok()
-        eos = self.eos_id
         room = self._prompt_room(max_new_tokens)
-        ids = [tok.encode(p) or ([eos] if eos is not None else []) for p in prompts]
-        _warn_cut(sum(len(i) > room for i in ids), room)
-        ids = [i[len(i) - min(len(i), room):] for i in ids]  # keep the end: the code nearest the completion
-        return self._text_generate(ids, [] if eos is None else [eos], stop, max_new_tokens, temperature, top_p, top_k,
+        ids, lengths = self._completion_ids(prompts, room)
+        _warn_cut(sum(n > room for n in lengths), room)
+        return self._text_generate(ids, self.completion_stop_ids(), stop, max_new_tokens, temperature, top_p, top_k,
                                    seed)
+
+    def _completion_ids(self, prompts: Sequence[str], room: int) -> tuple[list[list[int]], list[int]]:
+        """(the ids `complete` runs, each prompt's full token count). A prompt keeps its last
+        `room` tokens (the code nearest the completion); an empty one is `<|endoftext|>`,
+        the start of a document."""
+        tok, eos = self._tok(), self.eos_id
+        ids = [tok.encode(p) or ([eos] if eos is not None else []) for p in prompts]
+        return [i[len(i) - min(len(i), room):] for i in ids], [len(i) for i in ids]
+
+    def completion_stop_ids(self) -> list[int]:
+        """The ids that end a completion: `<|endoftext|>` (none when there is no EOS)."""
+        return [] if self.eos_id is None else [self.eos_id]
 
     def fim_ids(self, prefix: str, suffix: str, max_new_tokens: int = 1) -> list[int]:
         """The PSM prompt `<fim_prefix>{prefix}<fim_suffix>{suffix}<fim_middle>` as ids (the
@@ -649,12 +662,13 @@ def load_generator(path: str, tokenizer: str | None = None, dtype=None, *, batch
     training run directory. The tokenizer is `tokenizer` when given, else the one beside
     the checkpoint (the HF directory itself, CKPT/tokenizer/, RUN/tokenizer.json, ...)."""
     if not os.path.exists(path):
-        raise ConfigError(f"checkpoint path '{path}' does not exist")
+        raise ConfigError(f"checkpoint path '{path}' does not exist: pass a Hugging Face model directory, an orbax "
+                          "checkpoint or a training run directory")
     if not os.path.isdir(path):
         raise ConfigError(f"checkpoint path '{path}' is a file: pass a Hugging Face model directory, an orbax "
                           "checkpoint directory or a training run directory")
     if tokenizer is not None and not os.path.exists(tokenizer):
-        raise ConfigError(f"tokenizer '{tokenizer}' does not exist")
+        raise ConfigError(f"tokenizer '{tokenizer}' does not exist: pass a tokenizer.json or a directory holding one")
     tok_path = tokenizer or _find_tokenizer(path)
     if tok_path is None:
         raise ConfigError(f"no tokenizer found for '{path}' (no tokenizer.json or tokenizer/ beside it): "
@@ -679,40 +693,133 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m sc_jax.generate", description=__doc__.split("\n\n")[0],
                 epilog="Give --prompt for a completion, or --prefix/--suffix for fill-in-the-middle. "
-                       "Texts are taken literally (use the shell's $'...' for newlines); --prompt - reads stdin.")
-    p.add_argument("--ckpt", required=True, help="HF model directory, orbax checkpoint (or a step in it), or run directory")
+                       "Texts are taken literally (use the shell's $'...' for newlines); --prompt - reads stdin. "
+                       "Generation stops at the model's context (max_position_embeddings tokens, prompt "
+                       "included): asking for more prints a warning line with how many will come; a prompt "
+                       "too long for the context keeps its end (for FIM: the code nearest the gap), with a "
+                       "warning line.")
+    p.add_argument("--ckpt", required=True,
+                   help="HF model directory, orbax checkpoint (or a step in it), or training run directory (required)")
     p.add_argument("--prompt", help="text to continue ('-' reads it from stdin)")
     p.add_argument("--prefix", help="fill-in-the-middle: the code before the gap")
     p.add_argument("--suffix", help="fill-in-the-middle: the code after the gap")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default 128)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0 = off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable); the output is cut before it")
+    p.add_argument("--max-new-tokens", type=int, default=128, metavar="N",
+                   help="most tokens to generate (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0 = greedy; > 0 samples from softmax(logits / T) (default: %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling: sample among the most likely tokens holding mass P, in (0, 1] "
+                        "(default: %(default)s = off)")
+    p.add_argument("--top-k", type=int, default=0, metavar="K",
+                   help="sample among the K most likely tokens (default: %(default)s = off)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed, 0 to 2**32-1 (default: %(default)s)")
+    p.add_argument("--stop", action="append", default=[], metavar="STR",
+                   help="stop string (repeatable); the output is cut before it (default: none)")
     p.add_argument("--tokenizer", help="tokenizer.json or a directory holding one (default: found beside --ckpt)")
-    p.add_argument("--dtype", choices=sorted(M.DTYPES), help="compute dtype (default float32 on CPU, bfloat16 otherwise)")
-    args = p.parse_args(argv)
-    fim = args.prefix is not None or args.suffix is not None
+    p.add_argument("--dtype", choices=sorted(M.DTYPES),
+                   help="compute dtype (default: float32 on CPU, bfloat16 otherwise)")
+    return p
+
+
+def _check_cli_args(args) -> None:
+    """Refuses bad options by their flag names, with the fix, before any model is loaded."""
+    _check_prompt_args(args)
+    _check_sampling_args(args)
+    _check_path_args(args)
+
+
+def _check_prompt_args(args) -> None:
+    if args.prompt is not None and (args.prefix is not None or args.suffix is not None):
+        raise ConfigError("give either --prompt or --prefix/--suffix, not both")
+    if args.prompt is None and args.prefix is None and args.suffix is None:
+        raise ConfigError("give --prompt TEXT, or --prefix TEXT --suffix TEXT for fill-in-the-middle")
+    if args.prompt == "":  # would continue a bare <|endoftext|>: noise
+        raise ConfigError("--prompt is empty: give the text to continue, e.g. --prompt 'def fib(n):' "
+                          "(or --prompt - to read it from stdin)")
+    if args.prompt is None and not (args.prefix or args.suffix):
+        raise ConfigError("--prefix and --suffix are both empty: give the code before and/or after the gap")
+
+
+def _check_sampling_args(args) -> None:
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}: pass how many tokens "
+                          "to generate, e.g. --max-new-tokens 128")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ConfigError(f"--temperature must be a number >= 0, got {args.temperature}: pass 0 for greedy "
+                          "decoding, or e.g. --temperature 0.7 to sample")
+    if not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top-p must be within (0, 1], got {args.top_p}: pass 1 to turn nucleus sampling off, "
+                          "or e.g. --top-p 0.95")
+    if args.top_k < 0:
+        raise ConfigError(f"--top-k must be 0 or more, got {args.top_k}: pass 0 to turn it off, or e.g. --top-k 50")
+    if not 0 <= args.seed < 2**32:  # jax folds larger seeds onto smaller ones
+        raise ConfigError(f"--seed must be within [0, 2**32), got {args.seed}: pass e.g. --seed 0")
+
+
+def _check_path_args(args) -> None:
+    if not os.path.exists(args.ckpt):
+        raise ConfigError(f"--ckpt '{args.ckpt}' does not exist: pass a Hugging Face model directory, an orbax "
+                          "checkpoint or a training run directory")
+    if args.tokenizer is not None and not os.path.exists(args.tokenizer):
+        raise ConfigError(f"--tokenizer '{args.tokenizer}' does not exist: pass a tokenizer.json or a directory "
+                          "holding one (or leave it out to use the one beside --ckpt)")
+
+
+def _read_prompt(args) -> str | None:
+    """The --prompt text (stdin for '-'), None for fill-in-the-middle."""
+    if args.prompt != "-":
+        return args.prompt
+    text = sys.stdin.read()
+    if not text:
+        raise ConfigError("--prompt - read an empty prompt from stdin: pipe the text to continue into the command")
+    return text
+
+
+def _cli_prompt(gen: Generator, args, prompt: str | None) -> tuple[list[int], list[int], list[str]]:
+    """(the ids the CLI runs, the ids that end them, warning lines for the user). The same
+    cuts as `complete` / `infill`, said in plain words instead of a Python warning."""
+    ids, stops, notes = _cli_fim(gen, args) if prompt is None else _cli_completion(gen, args, prompt)
+    n_ctx, want = gen.cfg.max_position_embeddings, args.max_new_tokens
+    can = n_ctx - len(ids)
+    if want > can:
+        notes.append(f"--max-new-tokens {want} does not fit: the model's context is {n_ctx} tokens "
+                     f"(max_position_embeddings) and the prompt takes {len(ids)}, so at most {can} new tokens "
+                     "will be generated")
+    return ids, stops, notes
+
+
+def _cli_fim(gen: Generator, args) -> tuple[list[int], list[int], list[str]]:
+    room = gen._prompt_room(args.max_new_tokens, special=3)
+    ids, cut = gen._fim_ids(args.prefix or "", args.suffix or "", room)
+    notes = [f"--prefix and --suffix are too long for the model's context of {gen.cfg.max_position_embeddings} "
+             f"tokens (max_position_embeddings): kept the {room} tokens nearest the gap, to leave room to generate"]
+    return ids, gen.infill_stop_ids(), notes if cut else []
+
+
+def _cli_completion(gen: Generator, args, prompt: str) -> tuple[list[int], list[int], list[str]]:
+    room = gen._prompt_room(args.max_new_tokens)
+    (ids,), (full,) = gen._completion_ids([prompt], room)
+    notes = [f"the prompt has {full} tokens, too many for the model's context of {gen.cfg.max_position_embeddings} "
+             f"tokens (max_position_embeddings): kept its last {room}, to leave room to generate"]
+    return ids, gen.completion_stop_ids(), notes if full > room else []
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        if args.prompt is not None and fim:
-            raise ConfigError("give either --prompt or --prefix/--suffix, not both")
-        if args.prompt is None and not fim:
-            raise ConfigError("give --prompt TEXT, or --prefix TEXT --suffix TEXT for fill-in-the-middle")
-        _check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k)
-        prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+        _check_cli_args(args)
+        prompt = _read_prompt(args)
         t0 = time.perf_counter()
         gen = load_generator(args.ckpt, tokenizer=args.tokenizer, dtype=args.dtype)
         t1 = time.perf_counter()
-        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                  top_k=args.top_k, seed=args.seed, stop=list(args.stop))
-        if fim:
-            text = gen.infill([args.prefix or ""], [args.suffix or ""], **kw)[0]
-        else:
-            text = gen.complete([prompt], **kw)[0]
+        ids, stop_ids, notes = _cli_prompt(gen, args, prompt)
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr, flush=True)
+        text = gen._text_generate([ids], stop_ids, list(args.stop), args.max_new_tokens, args.temperature,
+                                  args.top_p, args.top_k, args.seed)[0]
     except (ConfigError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

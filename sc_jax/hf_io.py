@@ -1,13 +1,18 @@
 """Reading and writing Hugging Face model directories: config.json plus single or
-sharded safetensors. Our own small safetensors codec so bf16 round-trips through
-numpy (ml_dtypes) and large checkpoints are memory-mapped, never copied whole."""
+sharded safetensors.
+
+Our own small safetensors codec, so that bf16 round-trips through numpy (ml_dtypes) and
+a checkpoint of any size streams: a tensor is read with one positioned read into its own
+buffer (never through a mapping of the whole file, whose touched pages would count
+against the process until it exits), and a shard is written tensor by tensor from a
+header planned up front, so neither direction holds more than one tensor."""
 
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import ml_dtypes
@@ -21,10 +26,24 @@ _DTYPES = {
 }
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as a header describes it, before any data is read or written."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
 
 class SafetensorsFile:
-    """Lazy reader: `file[name]` returns a numpy view backed by an mmap."""
+    """Lazy reader: `file.read(name)` (or `file[name]`) reads one tensor into a new array."""
 
     def __init__(self, path: str):
         self.path = path
@@ -32,69 +51,150 @@ class SafetensorsFile:
             try:
                 (n,) = struct.unpack("<Q", f.read(8))
                 header = json.loads(f.read(n))
-            except (struct.error, ValueError, UnicodeDecodeError):
+            except (struct.error, ValueError, UnicodeDecodeError, MemoryError, OverflowError):
                 raise ConfigError(f"{path} is not a valid safetensors file (bad header)") from None
-            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            size = os.fstat(f.fileno()).st_size
+        if not isinstance(header, dict):
+            raise ConfigError(f"{path} is not a valid safetensors file (bad header)")
         self._base = 8 + n
         header.pop("__metadata__", None)
         self.header = header
-        size = len(self._map)
         for name, info in header.items():
-            if info["dtype"] not in _DTYPES:
-                raise ConfigError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+            if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+                raise ConfigError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
             if self._base + info["data_offsets"][1] > size:
                 raise ConfigError(f"{path} is truncated (tensor {name} runs past the end of the file)")
 
     def keys(self):
         return self.header.keys()
 
-    def __getitem__(self, name: str) -> np.ndarray:
+    def spec(self, name: str) -> TensorSpec:
         info = self.header[name]
-        start, end = info["data_offsets"]
-        buf = memoryview(self._map)[self._base + start:self._base + end]
-        return np.frombuffer(buf, dtype=_DTYPES[info["dtype"]]).reshape(info["shape"])
+        return TensorSpec(name, tuple(info["shape"]), np.dtype(_DTYPES[info["dtype"]]))
+
+    def read(self, name: str) -> np.ndarray:
+        spec = self.spec(name)
+        start, end = self.header[name]["data_offsets"]
+        out = np.empty(spec.shape, spec.dtype)
+        with open(self.path, "rb") as f:
+            f.seek(self._base + start)
+            if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != end - start:
+                raise ConfigError(f"{self.path} is truncated (tensor {name})")
+        return out
+
+    __getitem__ = read
 
 
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+def _header_bytes(specs: list[TensorSpec], metadata: dict | None) -> bytes:
     header, offset = {}, 0
-    for name, arr in tensors.items():
-        if arr.dtype not in _NAMES:
-            raise ConfigError(f"cannot write tensor {name} of dtype {arr.dtype} to safetensors")
-        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
+    for spec in specs:
+        if np.dtype(spec.dtype) not in _NAMES:
+            raise ConfigError(f"cannot write tensor {spec.name} of dtype {spec.dtype} to safetensors")
+        header[spec.name] = {"dtype": _NAMES[np.dtype(spec.dtype)], "shape": list(spec.shape),
+                             "data_offsets": [offset, offset + spec.nbytes]}
+        offset += spec.nbytes
     if metadata:
         header["__metadata__"] = metadata
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # data aligned to 8 bytes, as the reference writer does
+    return blob + b" " * (-len(blob) % 8)  # data aligned to 8 bytes, as the reference writer does
+
+
+def _write_stream(path: str, specs: list[TensorSpec], tensors: Iterator[tuple[str, np.ndarray]],
+                  metadata: dict | None) -> None:
+    """One safetensors file whose tensors arrive one at a time, in the order of `specs`."""
+    blob = _header_bytes(specs, metadata)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for arr in tensors.values():
-            f.write(np.ascontiguousarray(arr).tobytes())
+        for spec in specs:
+            name, arr = next(tensors)
+            if name != spec.name or tuple(arr.shape) != spec.shape or arr.dtype != spec.dtype:
+                raise RuntimeError(f"tensor {name} {arr.shape} {arr.dtype} arrived where "
+                                   f"{spec.name} {spec.shape} {spec.dtype} was planned")
+            f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
+    specs = [TensorSpec(name, tuple(a.shape), a.dtype) for name, a in tensors.items()]
+    _write_stream(path, specs, iter(tensors.items()), metadata)
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
+    """Consecutive groups of at most max_shard_bytes (a larger tensor gets a shard alone)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if shards[-1] and size + spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    return shards
+
+
+def write_sharded(directory: str, specs: list[TensorSpec], tensors: Iterable[tuple[str, np.ndarray]],
+                  max_shard_bytes: int) -> list[str]:
+    """Writes the (name, array) pairs, which must arrive in the order of `specs`, into
+    shards of at most max_shard_bytes, plus an index when there is more than one. One
+    tensor is in memory at a time."""
+    shards = plan_shards(specs, max_shard_bytes)
+    stream = iter(tensors)
+    if len(shards) == 1:
+        _write_stream(os.path.join(directory, "model.safetensors"), shards[0], stream, {"format": "pt"})
+        return ["model.safetensors"]
+    files, weight_map = [], {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        _write_stream(os.path.join(directory, fname), shard, stream, {"format": "pt"})
+        files.append(fname)
+        weight_map.update({spec.name: fname for spec in shard})
+    with open(os.path.join(directory, INDEX_NAME), "w") as f:
+        json.dump({"metadata": {"total_size": sum(s.nbytes for s in specs)}, "weight_map": weight_map}, f, indent=2)
+    return files + [INDEX_NAME]
 
 
 class HFCheckpoint:
-    """A HF model directory's tensors, whether in one file or sharded with an index."""
+    """A HF model directory: its config.json and its tensors, whether in one file or
+    sharded with an index."""
 
     def __init__(self, directory: str):
         if not os.path.isdir(directory):
-            raise ConfigError(f"'{directory}' is not a directory: pass a Hugging Face model directory")
+            what = "a file" if os.path.exists(directory) else "not found"
+            raise ConfigError(f"'{directory}' is {what}: pass a Hugging Face model directory")
         self.directory = directory
+        self._where = self._weight_map(directory)
+        self._files: dict[str, SafetensorsFile] = {}
+
+    @staticmethod
+    def _weight_map(directory: str) -> dict[str, str]:
         index = os.path.join(directory, INDEX_NAME)
         single = os.path.join(directory, "model.safetensors")
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-            self._where = {name: os.path.join(directory, file) for name, file in weight_map.items()}
-        elif os.path.exists(single):
-            self._where = {name: single for name in SafetensorsFile(single).keys()}
-        else:
-            if any(f.endswith(".bin") for f in os.listdir(directory)):
-                raise ConfigError(f"{directory} holds PyTorch .bin weights only: re-save them as safetensors "
-                                  "(model.save_pretrained(dir, safe_serialization=True))")
-            raise ConfigError(f"{directory} has neither model.safetensors nor {INDEX_NAME}")
-        self._files: dict[str, SafetensorsFile] = {}
+            try:
+                with open(index) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(f"{index} is not a valid safetensors index (no weight_map)") from None
+            return {name: os.path.join(directory, file) for name, file in weight_map.items()}
+        if os.path.exists(single):
+            return {name: single for name in SafetensorsFile(single).keys()}
+        if any(f.endswith(".bin") for f in os.listdir(directory)):
+            raise ConfigError(f"{directory} holds PyTorch .bin weights only: re-save them as safetensors "
+                              "(model.save_pretrained(dir, safe_serialization=True))")
+        raise ConfigError(f"{directory} has neither model.safetensors nor {INDEX_NAME}")
+
+    def config(self) -> dict:
+        path = os.path.join(self.directory, CONFIG_NAME)
+        if not os.path.exists(path):
+            raise ConfigError(f"'{self.directory}' has no config.json: pass a Hugging Face model directory")
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except ValueError as e:
+            raise ConfigError(f"{path} is not valid JSON ({e}): restore the file from the model's release") from None
+        if not isinstance(config, dict):
+            raise ConfigError(f"{path} is not a JSON object: restore the file from the model's release")
+        return config
 
     def names(self) -> Iterable[str]:
         return self._where.keys()
@@ -102,7 +202,7 @@ class HFCheckpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def __getitem__(self, name: str) -> np.ndarray:
+    def _file(self, name: str) -> SafetensorsFile:
         if name not in self._where:
             raise ConfigError(f"tensor '{name}' is missing from {self.directory}")
         path = self._where[name]
@@ -110,38 +210,15 @@ class HFCheckpoint:
             if not os.path.exists(path):
                 raise ConfigError(f"shard {path} named in the index does not exist")
             self._files[path] = SafetensorsFile(path)
-        return self._files[path][name]
+        file = self._files[path]
+        if name not in file.header:
+            raise ConfigError(f"the index says tensor '{name}' is in {path}, but it is not")
+        return file
 
+    def spec(self, name: str) -> TensorSpec:
+        return self._file(name).spec(name)
 
-def write_sharded(directory: str, tensors: Iterator[tuple[str, np.ndarray]], max_shard_bytes: int) -> list[str]:
-    """Writes (name, array) pairs into shards of at most max_shard_bytes (streaming: one
-    shard in memory at a time), plus an index when more than one shard results."""
-    written: list[tuple[str, list[str]]] = []  # (temporary file, tensor names)
-    shard: dict[str, np.ndarray] = {}
-    size = total = 0
+    def read(self, name: str) -> np.ndarray:
+        return self._file(name).read(name)
 
-    def flush():
-        tmp = os.path.join(directory, f".shard-{len(written)}.tmp")
-        write_safetensors(tmp, shard, {"format": "pt"})
-        written.append((tmp, list(shard)))
-
-    for name, arr in tensors:
-        if shard and size + arr.nbytes > max_shard_bytes:
-            flush()
-            shard, size = {}, 0
-        shard[name] = arr
-        size += arr.nbytes
-        total += arr.nbytes
-    flush()
-    if len(written) == 1:
-        os.replace(written[0][0], os.path.join(directory, "model.safetensors"))
-        return ["model.safetensors"]
-    files, weight_map = [], {}
-    for i, (tmp, names) in enumerate(written):
-        fname = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
-        os.replace(tmp, os.path.join(directory, fname))
-        files.append(fname)
-        weight_map.update({name: fname for name in names})
-    with open(os.path.join(directory, INDEX_NAME), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    return files + [INDEX_NAME]
+    __getitem__ = read

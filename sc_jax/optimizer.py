@@ -32,6 +32,45 @@ class OptimizerConfig:
     moments_dtype: str = "float32"  # bfloat16 halves the optimizer's memory
     rmsprop_decay: float = 0.9
 
+    def validate(self, total_steps: int) -> "OptimizerConfig":
+        """Refuses values that would train wrongly rather than fail (a negative learning rate
+        ascends the loss, a warmup longer than the run never reaches peak_lr)."""
+        _choice("optimizer.name", self.name, ("adamw", "rmsprop"))
+        _choice("optimizer.schedule", self.schedule, ("cosine", "constant"))
+        _choice("optimizer.moments_dtype", self.moments_dtype, ("float32", "bfloat16"))
+        _within("optimizer.peak_lr", self.peak_lr, 0, float("inf"), high_open=True)
+        if self.schedule == "cosine":  # the floor of the cosine; a constant schedule has none
+            _within("optimizer.min_lr", self.min_lr, 0, self.peak_lr, hint=f"the cosine floor, at most "
+                    f"optimizer.peak_lr {self.peak_lr}")
+        for key in ("b1", "b2", "rmsprop_decay"):
+            _within(f"optimizer.{key}", getattr(self, key), 0, 1, high_open=True)
+        _within("optimizer.eps", self.eps, 0, float("inf"), low_open=True, high_open=True)
+        _within("optimizer.weight_decay", self.weight_decay, 0, float("inf"), high_open=True)
+        if self.clip_norm is not None:
+            _within("optimizer.clip_norm", self.clip_norm, 0, float("inf"), low_open=True, high_open=True,
+                    hint="null turns clipping off")
+        _within("optimizer.warmup_fraction", self.warmup_fraction, 0, 1)
+        if self.warmup_steps is not None:
+            _within("optimizer.warmup_steps", self.warmup_steps, 0, total_steps,
+                    hint=f"at most train.steps {total_steps}, or the learning rate never reaches peak_lr")
+        return self
+
+
+def _choice(where: str, value, options) -> None:
+    if value not in options:
+        raise ConfigError(f"{where} '{value}' must be {' or '.join(options)}")
+
+
+def _within(where: str, value, low, high, *, low_open=False, high_open=False, hint="") -> None:
+    """value in [low, high] (open ends as asked); NaN is always refused."""
+    ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        if high == float("inf"):
+            want = "positive" if low_open else f"at least {low}"
+        else:
+            want = f"within {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ConfigError(f"{where} must be {want}, got {value}" + (f" ({hint})" if hint else ""))
+
 
 def lr_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(round(cfg.warmup_fraction * total_steps))

@@ -1,5 +1,5 @@
 """Will it fit? `python -m sc_jax.plan --config FILE --devices N --device-memory GB
-[--device-kind h100] [--mfu 0.4] [key.sub=value ...]`
+[--device-kind h100] [--mfu 0.4] [key.sub=value ...]`  (--help lists every option)
 
 Compiles the real train step ahead of time for a mesh of N devices faked on this
 CPU (abstract arrays: nothing is allocated) and reports per-device memory:
@@ -136,7 +136,7 @@ def report(cfg, r: dict, devices: int, kind: str, mfu: float) -> str:
         lines.append(f"at {100 * mfu:.0f}% MFU of {r['peak'] / 1e12:.0f} TFLOP/s/device: {r['step_s']:.2f} s/step, "
                      f"{r['tokens_per_s']:,.0f} tokens/s, {r['tokens_per_s'] / devices:,.0f} tokens/s/device")
     else:
-        lines.append(f"(no peak FLOP/s known for device kind '{kind}': pass --device-kind a100|h100|v5p|...)")
+        lines.append(f"(no peak FLOP/s for device kind '{kind}': pass the accelerator's kind, e.g. --device-kind h100)")
     lines.append("")
     if r["fits"]:
         lines.append(f"FITS: {r['total'] / GIB:.1f} GiB of {r['capacity'] / GIB:.1f} GiB per device "
@@ -148,22 +148,67 @@ def report(cfg, r: dict, devices: int, kind: str, mfu: float) -> str:
     return "\n".join(lines)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, as every other bad input
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m sc_jax.plan", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="training YAML (as for sc_jax.train; default: the built-in defaults)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides of the config, e.g. train.seq_len=4096")
+    parser.add_argument("--devices", type=int, required=True, help="number of accelerator devices in the run (required)")
+    parser.add_argument("--device-memory", type=float, required=True, metavar="GIB",
+                        help="memory per device in GiB, e.g. 80 for an H100 (required)")
+    parser.add_argument("--device-kind", default="h100", metavar="KIND",
+                        help="the accelerator, for its peak FLOP/s: one of " + ", ".join(device_kinds())
+                             + " (default: %(default)s)")
+    parser.add_argument("--mfu", type=float, default=0.4,
+                        help="model FLOPs utilisation in (0, 1] assumed for the step time (default: %(default)s)")
+    parser.add_argument("--on-device", action="store_true",
+                        help="compile for this machine's real devices instead of N fake CPU ones, "
+                             "e.g. to check the plan on one GPU (default: off)")
+    return parser
+
+
+def device_kinds() -> list[str]:
+    """The --device-kind names with a known peak (those of sc_jax.step.PEAK_FLOPS)."""
+    from sc_jax.step import PEAK_FLOPS
+
+    return sorted(PEAK_FLOPS)
+
+
+def check_args(args) -> str | None:
+    """The first bad option as an error message (problem and fix), or None. Runs before
+    any compile (and before the re-exec with N fake devices), so bad input fails at once."""
+    import difflib
+
+    if args.devices < 1:
+        return f"--devices must be at least 1, got {args.devices}: pass the number of devices of the run"
+    if not (math.isfinite(args.device_memory) and args.device_memory > 0):
+        return (f"--device-memory must be a positive number of GiB, got {args.device_memory}: "
+                "pass each device's memory, e.g. --device-memory 80")
+    if not 0 < args.mfu <= 1:
+        return f"--mfu must be within (0, 1], got {args.mfu}: pass a fraction such as --mfu 0.4 (40%)"
+    kinds = device_kinds()
+    if args.device_kind.lower() not in kinds:
+        close = difflib.get_close_matches(args.device_kind.lower(), kinds, n=1, cutoff=0.7)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"--device-kind '{args.device_kind}' is not a known device kind: {hint}known: {', '.join(kinds)}"
+    if args.config is not None and not os.path.isfile(args.config):
+        return f"--config '{args.config}' is not a file: pass a training YAML, e.g. experiments/configs/stage1.yaml"
+    return None
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="python -m sc_jax.plan", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="training YAML (as for sc_jax.train)")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    parser.add_argument("--devices", type=int, required=True, help="number of accelerator devices in the run")
-    parser.add_argument("--device-memory", type=float, required=True, help="memory per device, GB (GiB)")
-    parser.add_argument("--device-kind", default="h100", help="a100 | h100 | h200 | v4 | v5e | v5p | v6e (for peak FLOP/s)")
-    parser.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation to assume for step time")
-    parser.add_argument("--on-device", action="store_true",
-                        help="compile for this machine's real devices (e.g. to check the plan on one GPU)")
-    args = parser.parse_args(argv)
-    if args.devices < 1:
-        print("error: --devices must be at least 1", file=sys.stderr)
+    args = build_parser().parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
+    kind = args.device_kind.lower()
     if not args.on_device:
         _ensure_devices(args.devices, argv)
 
@@ -175,12 +220,11 @@ def main(argv=None) -> int:
         if not any(o.startswith("model.attention=") for o in overrides) and not args.on_device:
             overrides.append("model.attention=chunked")
         cfg = load_config(args.config, overrides)
-        r = plan(cfg, devices=args.devices, device_memory_gb=args.device_memory, device_kind=args.device_kind,
-                 mfu=args.mfu)
+        r = plan(cfg, devices=args.devices, device_memory_gb=args.device_memory, device_kind=kind, mfu=args.mfu)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(report(cfg, r, args.devices, args.device_kind, args.mfu))
+    print(report(cfg, r, args.devices, kind, args.mfu))
     return 0 if r["fits"] else 1
 
 

@@ -19,7 +19,7 @@ from flax import nnx
 from sc_jax.config import ModelConfig
 from sc_jax.sharding import constrain
 
-Batch = dict[str, jax.Array]  # each [batch, seq]: input_ids, targets, segment_ids, positions, loss_mask
+Batch = dict[str, jax.Array]  # sc_jax.data.batches.BATCH_KEYS, each [batch, seq]
 
 
 def token_losses(logits, targets, z_loss: float = 0.0):

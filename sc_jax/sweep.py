@@ -55,9 +55,6 @@ from sc_jax.config import ConfigError
 
 SWEEP_ERROR = "sweep_error.txt"  # in a point's run directory while its last attempt failed
 RESERVED = ("train.run_dir", "train.steps")  # set by the sweep for every point
-# Differences in these do not make an existing run directory a different experiment.
-_IGNORED_FOR_REUSE = {"train": {"steps", "stop_after_steps", "run_dir", "log_every", "eval_every"},
-                      "logging": None, "checkpoint": None, "mesh": None}
 
 
 @dataclasses.dataclass
@@ -192,39 +189,15 @@ def read_error(run_dir: str) -> str | None:
         return f.read().strip() or "failed"
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_changes(run_dir: str, cfg) -> list[str]:
-    """What differs between the run directory's config.yaml and `cfg` (ignoring
-    length, logging, checkpointing and mesh: resuming with those changed is fine)."""
-    from sc_jax.config import to_dict
-    from sc_jax.train import load_config
+    """What differs between the run directory's config.yaml and `cfg` beyond the keys a
+    resume may change (sc_jax.train.RESUME_SAFE): such a run directory is another experiment."""
+    from sc_jax.train import config_changes as changes, resume_safe, saved_run_config
 
-    path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(path):
+    saved = saved_run_config(run_dir)
+    if saved is None:
         return []
-    try:
-        old = to_dict(load_config(path))
-    except Exception:
-        return []
-    new = to_dict(cfg)
-    for section, fields in _IGNORED_FOR_REUSE.items():
-        for d in (old, new):
-            if fields is None:
-                d.pop(section, None)
-            else:
-                for f in fields:
-                    d.get(section, {}).pop(f, None)
-    a, b = _flat(old), _flat(new)
-    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [f"{k}: {old!r} -> {new!r}" for k, old, new in changes(saved, cfg) if not resume_safe(k)]
 
 
 # ----------------------------------------------------------------------------- summary
@@ -441,8 +414,8 @@ def run_local(args, points: list[Point], cfgs: dict, cache: str | None) -> tuple
             changes = config_changes(p.run_dir, cfgs[p.name])
             if changes:
                 print(f"  warning: {p.run_dir} holds a run with a different config ({'; '.join(changes[:3])}"
-                      f"{'; ...' if len(changes) > 3 else ''}); delete the directory to start this point afresh",
-                      flush=True)
+                      f"{'; ...' if len(changes) > 3 else ''}): it is not this point's; use a new --out, or "
+                      "move the directory away to train this point afresh", flush=True)
             done = steps_done(p.run_dir)
             if done >= args.steps and not read_error(p.run_dir):
                 print(f"  skipped: already at step {done}/{args.steps}", flush=True)
@@ -558,8 +531,16 @@ def write_jobs(args, points: list[Point], cache: str | None) -> tuple[str, list[
 # ----------------------------------------------------------------------------- CLI
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `error: ...` line (exit 2), like every other refusal."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m sc_jax.sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
                "  python -m sc_jax.sweep --config experiments/configs/quickstart.yaml --steps 300 \\\n"
@@ -625,8 +606,8 @@ def main(argv=None) -> int:
     elif args.launcher == "local":
         try:
             failed, interrupted = run_local(args, points, cfgs, cache)
-        except KeyboardInterrupt:
-            interrupted = "SIGINT"
+        except KeyboardInterrupt as e:  # sc_jax.train.Interrupted (a point's start-up) names its signal
+            interrupted = getattr(e, "signal", "SIGINT")
     else:
         submit, todo = write_jobs(args, points, cache)
         print(f"wrote {n} job script(s) to {os.path.join(args.out, 'jobs')}; {len(todo)} unfinished point(s) "

@@ -11,7 +11,7 @@ import sysconfig
 import numpy as np
 import pytest
 
-from sc_jax.data import DataConfig, SourceConfig
+from sc_jax.data import BATCH_KEYS, DataConfig, SourceConfig
 from sc_jax.tokenizer import Tokenizer, iter_corpus_texts, train_tokenizer
 
 STDLIB = sysconfig.get_paths()["stdlib"]
@@ -90,7 +90,7 @@ def rows_to_documents(batches, eos: int) -> list[tuple[int, ...]]:
 
 
 def check_batch_invariants(b, batch_size: int, seq_len: int) -> None:
-    for key in ("input_ids", "targets", "segment_ids", "positions", "loss_mask"):
+    for key in BATCH_KEYS:
         assert b[key].shape == (batch_size, seq_len), key
     assert b["loss_mask"].dtype == np.float32
     for key in ("input_ids", "targets", "segment_ids", "positions"):

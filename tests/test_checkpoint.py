@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from corpus import data_overrides, make_corpus, make_tokenizer
+from damage import damage_params
 from sc_jax import checkpoint
 from sc_jax.train import load_config, run
 
@@ -108,19 +109,14 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(data, straight, tmp_
     run_dir = tmp_path / "run"
     run(load_config(None, args(data, run_dir, "train.stop_after_steps=8")))
     step8 = run_dir / "checkpoints" / "8"
-    damaged = 0
-    for dirpath, _, files in os.walk(step8 / "params"):
-        for f in files:
-            path = os.path.join(dirpath, f)
-            if os.path.getsize(path) > 64:
-                with open(path, "r+b") as fh:
-                    fh.truncate(os.path.getsize(path) // 3)
-                damaged += 1
-    assert damaged
+    damage_params(step8)
     run(load_config(None, args(data, run_dir)))
     out = capsys.readouterr().out
     assert "checkpoint step 8" in out and "falling back" in out and "resumed from step 4" in out
     assert_same_run(run_dir, straight)
+    # The damaged step was moved aside, so step 8 was saved again on the way to 12.
+    assert [d.split("-")[0] for d in os.listdir(run_dir / "checkpoints" / "damaged")] == ["8"]
+    assert checkpoint.valid_steps(str(run_dir / "checkpoints")) == [4, 8, 12]
 
 
 def test_export_from_run_directory_loads_in_transformers(straight, tmp_path):
@@ -155,7 +151,7 @@ def test_init_from_hf_directory_and_orbax(straight, tmp_path, data):
     for src in (str(hf_dir), str(straight)):
         run_dir = tmp_path / f"init-{len(os.listdir(tmp_path))}"
         summary = run(load_config(None, args(data, run_dir, f"train.init_from={src}", "train.steps=1",
-                                             "optimizer.peak_lr=0", "optimizer.min_lr=0")))
+                                             "optimizer.peak_lr=0", "optimizer.min_lr=0", "optimizer.warmup_steps=0")))
         got = checkpoint.to_numpy(summary["state"]["params"])
         jax.tree.map(np.testing.assert_array_equal, got, want)
         assert int(summary["state"]["step"]) == 1  # a fresh optimizer and step count

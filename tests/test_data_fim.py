@@ -8,7 +8,7 @@ import pytest
 from data_fixtures import PACKAGES, STDLIB, document_tokens, stdlib_cfg, tok, tokenizer_path  # noqa: F401
 
 from sc_jax.data import fim
-from sc_jax.data.pipeline import build_document_dataset
+from sc_jax.data.pretrain import build_document_dataset
 
 
 def _stdlib_files(packages=PACKAGES):

@@ -12,7 +12,8 @@ from data_fixtures import (check_batch_invariants, document_tokens, rows_to_docu
                            segments, stdlib_cfg, tok, tokenizer_path)
 
 from sc_jax.data import make_eval_iterator, make_train_iterator
-from sc_jax.data.pipeline import build_document_dataset, decode_state, encode_state
+from sc_jax.data.iterator import decode_state, encode_state
+from sc_jax.data.pretrain import build_document_dataset
 
 SEQ, BATCH = 256, 4
 
@@ -208,3 +209,39 @@ def sysconfig_stdlib():
     import sysconfig
 
     return sysconfig.get_paths()["stdlib"]
+
+
+def test_eval_warning_is_logged_once_per_run(tmp_path, tokenizer_path, caplog):
+    """train.py's run_eval rebuilds the eval iterator (tasks.make_iterator, eval_=True) at every
+    evaluation: the warning that it reads the training data must come once, not every time."""
+    from sc_jax import tasks
+    from sc_jax.train import load_config
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "a.py").write_text("def a():\n    return 1\n")
+    cfg = load_config(None, ["model.preset=tiny", "train.data=pipeline", f"data.tokenizer={tokenizer_path}",
+                             f"data.sources=[{{kind: dir, path: '{tmp_path}'}}]", "train.eval_batches=1",
+                             "train.seq_len=32"])
+    for _ in range(3):
+        it = tasks.make_iterator(cfg, seq_len=32, batch_size=2, process_index=0, process_count=1, tokenizer=None,
+                                 eval_=True)
+        assert len(list(it)) == 1
+    warned = [r for r in caplog.records if "no eval_sources" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"
+
+
+def test_old_iterator_state_with_fewer_counters_still_resumes(tokenizer_path):
+    """States saved before a skip counter was added (a shorter `counters` list) resume exactly and
+    keep their counts."""
+    from sc_jax.data import stats
+
+    cfg = stdlib_cfg(tokenizer_path, packages=["json"])
+    it = make_train_iterator(cfg, seq_len=SEQ, batch_size=BATCH, seed=0)
+    _take(it, 2)
+    state = json.loads(json.dumps(it.get_state()))
+    state["counters"] = state["counters"][:stats.COUNTERS.index("bad_filename")]  # as written before it existed
+    want = _take(it, 2)
+    fresh = make_train_iterator(cfg, seq_len=SEQ, batch_size=BATCH, seed=0)
+    fresh.set_state(state)
+    assert fresh.stats()["documents_built"] == state["counters"][stats.INDEX["documents"]] > 0
+    _assert_same(want, _take(fresh, 2))

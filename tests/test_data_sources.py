@@ -14,9 +14,9 @@ from data_fixtures import (STDLIB, document_tokens, rows_to_documents, stdlib_cf
 from sc_jax.config import ConfigError, from_dict
 from sc_jax.data import DataConfig, DataError, SourceConfig, make_eval_iterator, make_train_iterator
 from sc_jax.data import fim
-from sc_jax.data.pipeline import build_document_dataset
+from sc_jax.data.pretrain import build_document_dataset
 from sc_jax.data.sources import open_source
-from sc_jax.tokenizer import TokenizerError
+from sc_jax.tokenizer import TokenizerError, iter_corpus_texts
 
 
 def _write(path, data: bytes | str):
@@ -227,3 +227,103 @@ def test_config_from_yaml():
         DataConfig(languages=["pythn"]).validate()
     with pytest.raises(ConfigError, match="within"):
         DataConfig(fim_rate=1.5).validate()
+
+
+# ----------------------------------------------------------------------------- names that are not UTF-8
+
+
+def _write_bytes_name(root, *parts: bytes, data: str):
+    """root/parts...: names as raw bytes (e.g. Latin-1 'café.py' from an old archive): not UTF-8."""
+    path = os.path.join(os.fsencode(str(root)), *parts)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data.encode())
+
+
+@pytest.fixture
+def latin1_corpus(tmp_path):
+    root = tmp_path / "corpus"
+    _write(root / "shop/a.py", "def a():\n    return 1\n")
+    _write(root / "shop/pkg/b.py", "def b():\n    return 2\n")
+    _write_bytes_name(root, b"shop", b"caf\xe9.py", data="x = 1\n")  # a file name,
+    _write_bytes_name(root, b"shop", b"d\xe9p", b"c.py", data="y = 2\n")  # a directory in a repository,
+    _write_bytes_name(root, b"r\xe9po", b"ok.py", data="z = 3\n")  # a repository's name
+    _write(root / "other/o.py", "print('o')\n")
+    return root
+
+
+def test_a_file_name_that_is_not_utf8_skips_that_file_not_its_repository(latin1_corpus, tokenizer_path, tok):
+    cfg = DataConfig(sources=[SourceConfig(kind="dir", path=str(latin1_corpus))], tokenizer=tokenizer_path,
+                     fim_rate=0.0)
+    it = make_eval_iterator(cfg, seq_len=64, batch_size=2, seed=0)
+    docs = [fim.parse_document(d, tok) for d in rows_to_documents(list(it), tok.eos_id)]
+    st = it.stats()["skipped"]
+    assert "error" not in st, st
+    assert st["bad_filename"] == 1 and st["bad_filename_dir"] == 2, st  # café.py; dép/ and the repository répo/
+    assert {d["repo_name"]: sorted(p for p, _, _ in d["files"]) for d in docs} == {
+        "other": ["o.py"], "shop": ["a.py", "pkg/b.py"]}
+    # The file view (document: file) and the tokenizer's corpus reader skip the same names.
+    cfg.document = "file"
+    files = document_tokens(build_document_dataset(cfg, seed=0, train=False)[0])
+    assert len(files) == 3
+    stats: dict = {}
+    assert len(list(iter_corpus_texts(str(latin1_corpus), stats=stats))) == 3 and stats["bad_filename"] == 1
+
+
+def test_table_rows_with_lone_surrogate_names_are_skipped(tmp_path, tokenizer_path, tok):
+    rows = [{"content": "def a():\n    pass\n", "repo_name": "org/one", "path": "a.py"},
+            {"content": "x = 1\n", "repo_name": "org/one", "path": "caf\udce9.py"},  # a bad \u escape in the path
+            {"content": "y = 2\n", "repo_name": "org/r\udce9po", "path": "y.py"}]  # ... in the repository name
+    path = tmp_path / "stack.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # json.dumps writes them as \udce9
+    cfg = DataConfig(sources=[SourceConfig(kind="jsonl", path=str(path))], tokenizer=tokenizer_path, fim_rate=0.0)
+    it = make_eval_iterator(cfg, seq_len=64, batch_size=2, seed=0)
+    docs = [fim.parse_document(d, tok) for d in rows_to_documents(list(it), tok.eos_id)]
+    st = it.stats()["skipped"]
+    assert "error" not in st and st["bad_filename"] == 1 and st["bad_repo_name"] == 1, st
+    assert [(d["repo_name"], [p for p, _, _ in d["files"]]) for d in docs] == [("org/one", ["a.py"])]
+
+
+def test_tfds_builder_skips_names_that_are_not_utf8(latin1_corpus, tmp_path, tokenizer_path):
+    from sc_jax.data.tfds_builder import build
+
+    cfg = DataConfig(sources=[SourceConfig(kind="dir", path=str(latin1_corpus))])
+    ds_path, stats = build(cfg.sources, str(tmp_path / "tfds"), data_config=cfg, quiet=True)
+    assert stats["train_repos"] == 2 and stats["train_files"] == 3
+    assert stats["bad_filename"] == 1 and stats["bad_filename_dir"] == 2
+    back = DataConfig(sources=[SourceConfig(kind="tfds", path=ds_path)], tokenizer=tokenizer_path, document="file")
+    assert len(document_tokens(build_document_dataset(back, seed=0, train=False)[0])) == 3
+
+
+# ----------------------------------------------------------------------------- tfds_builder reruns
+
+
+def test_tfds_builder_rerun_keeps_refuses_or_overwrites(tmp_path, capsys):
+    from sc_jax.data.sources import FileFilter, TfdsSource
+    from sc_jax.data.tfds_builder import BUILD_RECORD, main
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    _write(one / "r1/a.py", "def a():\n    return 1\n")
+    _write(two / "r2/b.py", "def b():\n    return 2\n")
+    _write(two / "r3/c.py", "def c():\n    return 3\n")
+    data_dir = str(tmp_path / "tfds")
+
+    def repo_names(path):
+        src = TfdsSource(SourceConfig(kind="tfds", path=path), FileFilter(None, None))
+        return [src.read_repo(i).name for i in range(src.num_repos())]
+
+    assert main(["--source", f"dir:{one}", "--data-dir", data_dir, "--quiet"]) == 0
+    path = capsys.readouterr().out.splitlines()[0].removeprefix("wrote ")
+    assert repo_names(path) == ["r1"] and os.path.isfile(os.path.join(path, BUILD_RECORD))
+    assert sorted(os.listdir(data_dir)) == ["code_repositories"]  # no TFDS downloads dir, no temporary dir
+    # The same sources again: kept, and said so (with the statistics of the build).
+    assert main(["--source", f"dir:{one}", "--data-dir", data_dir, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"kept {path}") and "train_repos=1" in out and "wrote" not in out
+    # Other sources: refused, the old dataset untouched.
+    assert main(["--source", f"dir:{two}", "--data-dir", data_dir, "--quiet"]) == 2
+    assert "--overwrite" in capsys.readouterr().err and repo_names(path) == ["r1"]
+    # --overwrite rebuilds from the new sources.
+    assert main(["--source", f"dir:{two}", "--data-dir", data_dir, "--quiet", "--overwrite"]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {path}") and repo_names(path) == ["r2", "r3"]
+    assert sorted(os.listdir(data_dir)) == ["code_repositories"]

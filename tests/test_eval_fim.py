@@ -63,7 +63,7 @@ def test_empty_infill_scores_about_zero(mode):
         return fim.empty_infill_fn(prefixes, suffixes)
 
     report = fim.evaluate_fim(tasks, empty, workers=2, config=SHORT, progress=False, batch_size=16, seed=3)
-    assert calls == [(16, 3), (16, 4), (9, 5)]
+    assert calls == [(14, 3), (14, 4), (13, 5)]  # 41 in near-equal batches of at most 16
     row = report.summary["rows"][0]
     assert row["exact_match"] == 0.0 and row["pass@1"] <= 0.1
 

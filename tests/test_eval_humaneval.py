@@ -4,6 +4,7 @@ import gzip
 import json
 import os
 import shutil
+import time
 
 import pytest
 
@@ -60,21 +61,23 @@ def test_empty_completions_fail(tmp_path):
 
 
 def test_sampling_loop_pass_at_k_and_stop_cut():
-    """n samples per problem; every other sample right; completions get cut at stop strings."""
+    """n samples per problem; every other sample right; completions get cut at stop strings;
+    batches of near-equal size (16 = 6 + 5 + 5, not 6 + 6 + 4: one padded shape, one compile)."""
     probs = PROBLEMS[:4]
     oracle = he.oracle_complete_fn(probs)
     calls = []
 
     def flaky(prompts, *, max_new_tokens, temperature, top_p, top_k, stop, seed):
+        done = sum(c[0] for c in calls)
         calls.append((len(prompts), temperature, seed, tuple(stop)))
         right = oracle(prompts)
         # trailing junk after a stop string must be removed by the harness
-        return [r + "\n\nprint('junk')\nraise SystemExit(1)\n" if i % 2 == 0 else "    return None\n"
+        return [r + "\n\nprint('junk')\nraise SystemExit(1)\n" if (done + i) % 2 == 0 else "    return None\n"
                 for i, r in enumerate(right)]
 
     report = he.evaluate(probs, flaky, n=4, temperature=0.8, seed=7, batch_size=6, workers=2, config=CFG,
                          progress=False)
-    assert [c[0] for c in calls] == [6, 6, 4] and [c[2] for c in calls] == [7, 8, 9]
+    assert [c[0] for c in calls] == [6, 5, 5] and [c[2] for c in calls] == [7, 8, 9]
     assert all(c[1] == 0.8 and c[3] == tuple(he.PYTHON_STOP_TOKENS) for c in calls)
     row = report.summary["rows"][0]
     assert row["n"] == 4 and row["samples"] == 16 and row["passed"] == 8
@@ -162,3 +165,77 @@ def test_bad_data_gives_one_line_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(he.DataError, match="no problems"):
         he.load_multipl_e(str(tmp_path / "empty.jsonl"))
+
+
+def test_batches_are_near_equal_so_one_padded_shape_compiles():
+    """164 samples in batches of at most 32: 28+28+27+27+27+27, every batch padded to 32
+    rows by the generator (one compilation), not 5 x 32 + 4 (a second one for 4 rows)."""
+    def padded(rows):  # what the generator pads a batch to
+        return 1 << (rows - 1).bit_length()
+
+    batches = he.split_batches(list(range(164)), 32)
+    assert [len(b) for b in batches] == [28, 28, 27, 27, 27, 27]
+    assert sum(batches, []) == list(range(164)) and {padded(len(b)) for b in batches} == {32}
+    assert [len(b) for b in he.split_batches(list(range(64)), 32)] == [32, 32]
+    assert he.split_batches([], 8) == [] and [len(b) for b in he.split_batches([1, 2, 3], 8)] == [3]
+
+
+def test_programs_run_while_generating_and_the_bar_counts_each(monkeypatch):
+    """Each batch's programs start as soon as it is generated (the second batch waits here
+    until a first-batch program has finished), and the bar moves once per finished program."""
+    from sc_jax.eval import execution as ex
+
+    ticks, notes = [], []
+    update, note = ex._Progress.update, getattr(ex._Progress, "note", None)
+
+    def counting_update(self, res):
+        update(self, res)
+        ticks.append((self.done, self.total))
+
+    def recording_note(self, text):
+        note(self, text)
+        notes.append(text)
+
+    monkeypatch.setattr(ex._Progress, "update", counting_update)
+    monkeypatch.setattr(ex._Progress, "note", recording_note, raising=False)
+    probs = PROBLEMS[:3]
+    oracle = he.oracle_complete_fn(probs)
+    calls, finished_before_next_batch = [], []
+
+    def complete(prompts, **_kw):
+        calls.append(len(prompts))
+        if len(calls) > 1:
+            deadline = time.monotonic() + 10
+            while not ticks and time.monotonic() < deadline:
+                time.sleep(0.02)
+            finished_before_next_batch.append(bool(ticks))
+        return oracle(prompts)
+
+    report = he.evaluate(probs, complete, n=2, batch_size=2, workers=2, config=CFG, progress=True)
+    assert report.all_passed and calls == [2, 2, 2]
+    assert finished_before_next_batch == [True, True]
+    assert ticks == [(i, 6) for i in range(1, 7)]
+    assert notes[0] == "generated 0/6" and notes[-1] == "generated 6/6"
+
+
+def test_reports_appear_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Outputs go to a temporary sibling renamed into place at the end: a failure while
+    writing leaves neither the directory nor the temporary behind."""
+    probs = PROBLEMS[:2]
+    report = he.evaluate(probs, he.oracle_complete_fn(probs), n=1, workers=2, config=CFG, progress=False)
+    write = he.write_report
+
+    def disk_full(rep, out_dir):
+        write(rep, out_dir)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(he, "write_report", disk_full)
+    with pytest.raises(he.EvalError, match="cannot write the results .* No space left"):
+        he.save_reports({"humaneval": report}, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(he, "write_report", write)
+    he.save_reports({"humaneval": report}, str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path / "out" / "humaneval")) == sorted(he.REPORT_FILES)
+    assert report.out_dir == str(tmp_path / "out" / "humaneval")
+    with pytest.raises(he.EvalError, match="exists and is not empty"):
+        he.save_reports({"": report}, str(tmp_path / "out"))

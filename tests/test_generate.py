@@ -3,10 +3,12 @@ logits equal a full forward pass, sampling filters equal transformers' warpers, 
 tokens/strings, FIM prompts, checkpoint formats and the CLI (tiny random models, CPU)."""
 
 import dataclasses
+import io
 import os
 import re
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -338,8 +340,13 @@ def test_cli(hf_dir, capsys, tmp_path):
                       (["--ckpt", str(bare), "--prompt", "x"], "--tokenizer"),
                       (["--ckpt", path, "--prompt", "x", "--prefix", "y"], "not both"),
                       (["--ckpt", path], "--prompt"),
-                      (["--ckpt", path, "--prompt", "x", "--top-p", "1.5"], "top_p"),
-                      (["--ckpt", path, "--prompt", "x", "--max-new-tokens", "0"], "max_new_tokens")]:
+                      (["--ckpt", path, "--prompt", "x", "--top-p", "1.5"], "--top-p"),
+                      (["--ckpt", path, "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+                      (["--ckpt", path, "--prompt", "x", "--max-new-tokens", "-5"], "--max-new-tokens 128"),
+                      (["--ckpt", path, "--prompt", "x", "--temperature", "nan"], "--temperature"),
+                      (["--ckpt", path, "--prompt", ""], "--prompt is empty"),
+                      (["--ckpt", path, "--prefix", "", "--suffix", ""], "both empty"),
+                      (["--ckpt", path, "--prompt", "x", "--seed", str(2**32)], "--seed")]:
         assert G.main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and msg in err and err.count("\n") == 1, err
@@ -351,3 +358,64 @@ def test_cli(hf_dir, capsys, tmp_path):
     assert helped.returncode == 0 and "--ckpt" in helped.stdout and "--suffix" in helped.stdout
     bad = run("--ckpt", str(tmp_path / "nope"), "--prompt", "x", "--top-k", "many")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_cli_reads_stdin_and_refuses_an_empty_one(hf_dir, capsys, monkeypatch):
+    path = hf_dir[0]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("def add(a, b):\n"))
+    assert G.main(["--ckpt", path, "--prompt", "-", "--max-new-tokens", "4"]) == 0
+    want = G.load_generator(path).complete(["def add(a, b):\n"], max_new_tokens=4)[0]
+    assert capsys.readouterr().out.rstrip("\n") == want.rstrip("\n")
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert G.main(["--ckpt", path, "--prompt", "-"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --prompt - read an empty prompt from stdin") and err.count("\n") == 1
+
+
+def test_cli_says_in_plain_lines_what_the_context_cuts(hf_dir, capsys):
+    """A prompt too long for the context, or more new tokens than it leaves, runs anyway,
+    with one plain `warning:` line each on stderr (never a Python warning with a source line)."""
+    path = hf_dir[0]
+    gen = G.load_generator(path)
+    tok, n_ctx = gen.tokenizer, gen.cfg.max_position_embeddings
+    warning_lines = lambda err: [line for line in err.splitlines() if line.startswith("warning:")]  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the library's cut warning on the CLI's path fails the test
+        assert G.main(["--ckpt", path, "--prompt", "def add(a, b):\n", "--max-new-tokens", "8"]) == 0
+        assert warning_lines(capsys.readouterr().err) == []
+
+        long_prompt = "".join(f"x{i} = {i * 7}\n" for i in range(3000))  # 37 KB
+        assert len(long_prompt) > 36_000
+        assert G.main(["--ckpt", path, "--prompt", long_prompt, "--max-new-tokens", "16"]) == 0
+        out, err = capsys.readouterr()
+        assert warning_lines(err) == [
+            f"warning: the prompt has {len(tok.encode(long_prompt))} tokens, too many for the model's context of "
+            f"{n_ctx} tokens (max_position_embeddings): kept its last {n_ctx - 16}, to leave room to generate"]
+        assert "Warning" not in err
+
+        short = "def add(a, b):\n"
+        room = n_ctx - len(tok.encode(short))
+        assert G.main(["--ckpt", path, "--prompt", short, "--max-new-tokens", "5000"]) == 0
+        out_5000, err = capsys.readouterr()
+        assert warning_lines(err) == [
+            f"warning: --max-new-tokens 5000 does not fit: the model's context is {n_ctx} tokens "
+            f"(max_position_embeddings) and the prompt takes {n_ctx - room}, so at most {room} new tokens will be "
+            "generated"]
+        made = int(re.search(r"\[(\d+) tokens", err).group(1))
+        assert made <= room
+    with pytest.warns(UserWarning, match="too long"):  # the library still warns its callers
+        assert out.rstrip("\n") == gen.complete([long_prompt], max_new_tokens=16)[0].rstrip("\n")
+    assert out_5000.rstrip("\n") == gen.complete([short], max_new_tokens=room)[0].rstrip("\n")
+
+
+def test_asking_past_the_context_does_not_grow_the_buffers(gen, monkeypatch):
+    """max_new_tokens far past the context: as many tokens as fit, with the output buffer
+    (and so the cache) sized for those, not for the request."""
+    seen = []
+    decode = gen._decode
+    monkeypatch.setattr(gen, "_decode", lambda w, carry, *a, **kw: seen.append(carry["out"].shape) or
+                        decode(w, carry, *a, **kw))
+    n_ctx = gen.cfg.max_position_embeddings
+    out = gen.generate_ids([[1, 2, 3]], max_new_tokens=50 * n_ctx, stop_tokens=())
+    assert len(out[0]) == n_ctx - 3
+    assert seen[0][1] == G._bucket(n_ctx - 3, G.MIN_NEW_BUCKET)

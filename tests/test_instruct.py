@@ -18,6 +18,7 @@ from flax import nnx
 from sc_jax import checkpoint, instruct
 from sc_jax import model as M
 from sc_jax.config import ConfigError
+from sc_jax.data.batches import BATCH_KEYS, PAIR_KEYS
 from sc_jax.tokenizer import IM_END, IM_START, Tokenizer, iter_corpus_texts, train_tokenizer
 from sc_jax.train import load_config, main, run
 
@@ -91,10 +92,12 @@ def dpo_file(tmp_path_factory):
 
 
 def overrides(tok_path, data_file, task, run_dir="unused", *extra):
+    # A DPO config names its reference model; these data-only tests never load it.
+    reference = [f"train.init_from={run_dir}-reference"] if task == "dpo" else []
     return [f"train.task={task}", f"data.tokenizer={tok_path}", f"data.sources=[{{kind: jsonl, path: '{data_file}'}}]",
             "model.preset=tiny", "model.vocab_size=512", f"train.run_dir={run_dir}", f"train.seq_len={SEQ}",
             f"train.global_batch_size={BATCH}", "data.first_fit_bins=8", "logging.progress=false",
-            "logging.tensorboard=false", *extra]
+            "logging.tensorboard=false", *reference, *extra]
 
 
 def iterator(tok_path, data_file, task, *extra, eval_=False):
@@ -135,8 +138,8 @@ def test_sft_packed_batch_masks_exactly_the_assistant_tokens(tok_path, tok, sft_
     seen, multi = 0, 0
     for _ in range(3):
         b = next(it)
-        assert set(b) == set(instruct.SFT_KEYS)
-        for k in instruct.SFT_KEYS:
+        assert set(b) == set(BATCH_KEYS)
+        for k in BATCH_KEYS:
             assert b[k].shape == (BATCH, SEQ) and b[k].dtype == (np.float32 if k == "loss_mask" else np.int32)
         pad = b["segment_ids"] == 0
         assert (b["loss_mask"][pad] == 0).all() and (b["positions"][pad] == 0).all()
@@ -211,7 +214,7 @@ def test_dpo_rows_and_loss_is_log2_when_policy_is_reference(tok_path, tok, dpo_f
     batches = list(it)
     assert len(batches) == 2
     for b in batches:
-        assert set(b) == set(instruct.DPO_KEYS)
+        assert set(b) == set(PAIR_KEYS)
     b = batches[0]
     for i, p in enumerate(pairs()[:BATCH]):
         prompts = []
@@ -270,6 +273,11 @@ BAD_SFT = [
     json.dumps({"messages": [{"role": "user", "content": "no answer"}]}),
     "",
     json.dumps({"messages": []}),
+    # Empty answers (as DPO): the only answer "", a whitespace-only one, one empty turn of two.
+    json.dumps({"messages": [{"role": "user", "content": "Say nothing."}, {"role": "assistant", "content": ""}]}),
+    json.dumps({"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": " \n\t"}]}),
+    json.dumps({"messages": [{"role": "user", "content": "a?"}, {"role": "assistant", "content": "A."},
+                             {"role": "user", "content": "b?"}, {"role": "assistant", "content": ""}]}),
 ]
 BAD_DPO = [
     json.dumps({"prompt": "p", "chosen": "c"}),
@@ -288,12 +296,24 @@ def test_malformed_records_are_skipped_and_counted(tok_path, tmp_path):
     next(it)
     st = it.stats()
     assert st["records"] == {"sft.jsonl": 3}
-    assert st["skipped"] == {"bad_json": 1, "not_object": 1, "missing_field": 2, "bad_message": 3, "no_assistant": 1}
+    assert st["skipped"] == {"bad_json": 1, "not_object": 1, "missing_field": 2, "bad_message": 3, "no_assistant": 1,
+                             "empty_answer": 3}
+    with pytest.raises(instruct.RecordError, match=r"messages\[3\] \(assistant\) is empty"):
+        instruct.parse_chat(json.loads(BAD_SFT[-1]))
     path = write_jsonl(tmp_path / "dpo.jsonl", pairs()[:2], BAD_DPO)
     it = iterator(tok_path, path, "dpo")
     next(it)
     assert it.stats()["skipped"] == {"missing_field": 2, "empty_answer": 2, "empty_prompt": 1, "bad_message": 1,
                                      "bad_json": 1}
+
+
+def test_eval_warning_is_logged_once_per_run(tok_path, tmp_path, caplog):
+    """The trainer rebuilds the eval iterator at every evaluation: its config warning, once."""
+    path = write_jsonl(tmp_path / "sft.jsonl", conversations()[:4])
+    for _ in range(3):
+        iterator(tok_path, path, "sft", eval_=True)
+    warned = [r for r in caplog.records if "no eval_sources" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelname == "WARNING"
 
 
 def test_strict_mode_names_file_and_line(tok_path, tmp_path):

@@ -102,7 +102,7 @@ def test_train_cli(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--corpus", "/no/such/dir", "--vocab-size", "600"], "is not a directory"),
+    (["--corpus", "/no/such/dir", "--vocab-size", "600"], "does not exist"),
     (["--corpus", STDLIB + "/json", "--vocab-size", "100"], "too small"),
 ])
 def test_train_cli_errors_are_one_line(tmp_path, args, needle):

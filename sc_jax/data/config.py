@@ -68,6 +68,20 @@ def normalize_language(name: str) -> str:
     return LANGUAGE_ALIASES.get(name, name)
 
 
+def check_languages(names, where: str = "data.languages") -> None:
+    """A ConfigError naming the first unknown language ("*" = any language)."""
+    for lang in map(normalize_language, names):
+        if lang != "*" and lang not in LANGUAGE_EXTENSIONS:
+            known = f" (known: {', '.join(LANGUAGE_EXTENSIONS)})"
+            raise ConfigError(f"{where}: unknown language '{lang}'{_did_you_mean(lang, LANGUAGE_EXTENSIONS) or known}")
+
+
+def _did_you_mean(value: str, options) -> str:
+    """' (did you mean X?)' for a near miss, else '' (the caller lists the options itself)."""
+    hint = _closest(str(value), options)
+    return hint if "did you mean" in hint else ""
+
+
 @dataclasses.dataclass
 class SourceConfig:
     """One input of the mixture."""
@@ -149,7 +163,7 @@ class DataConfig:
     def validate(self) -> "DataConfig":
         def check_choice(where, value, options):
             if value not in options:
-                raise ConfigError(f"{where} '{value}' must be one of {', '.join(options)}{_closest(value, options)}")
+                raise ConfigError(f"{where} '{value}' must be one of {', '.join(options)}{_did_you_mean(value, options)}")
 
         def check_rate(where, value):
             if not 0.0 <= value <= 1.0:
@@ -174,15 +188,14 @@ class DataConfig:
                 check_choice(f"{where}.layout", src.layout, DIR_LAYOUTS)
                 if not src.path:
                     raise ConfigError(f"{where}.path is empty")
-                if not src.weight > 0:
-                    raise ConfigError(f"{where}.weight = {src.weight} must be positive")
+                if not 0 < src.weight < float("inf"):  # NaN fails too
+                    raise ConfigError(f"{where}.weight = {src.weight} must be a positive number (its share of the "
+                                      "mixture)")
                 if src.document is not None:
                     check_choice(f"{where}.document", src.document, DOCUMENT_KINDS)
                 if src.fim_rate is not None:
                     check_rate(f"{where}.fim_rate", src.fim_rate)
-        for lang in [normalize_language(x) for s in [self] + self.sources + self.eval_sources for x in (s.languages or [])]:
-            if lang != "*" and lang not in LANGUAGE_EXTENSIONS:
-                raise ConfigError(f"data.languages: unknown language '{lang}'{_closest(lang, LANGUAGE_EXTENSIONS)}")
+        check_languages([x for s in [self] + self.sources + self.eval_sources for x in (s.languages or [])])
         for ext in self.extensions:
             if not ext.startswith("."):
                 raise ConfigError(f"data.extensions: '{ext}' must start with a dot")

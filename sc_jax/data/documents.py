@@ -85,12 +85,9 @@ class DocumentMaker:
         if fim_ok and self.fim_rate > 0 and rng.random() < self.fim_rate:
             prefix, middle, suffix, spm = fim.permute_text(text, rng, self.spm_rate)
             counts["fim_files"] = counts.get("fim_files", 0) + 1
-            sp = self.sp
-            head = [header] if header else []
             if spm:
                 counts["spm_files"] = counts.get("spm_files", 0) + 1
-                return head + [sp.fim_prefix, sp.fim_suffix, suffix, sp.fim_middle, prefix, middle]
-            return head + [sp.fim_prefix, prefix, sp.fim_suffix, suffix, sp.fim_middle, middle]
+            return ([header] if header else []) + fim.layout(prefix, middle, suffix, spm, self.sp)
         return [header + text]
 
     def _render(self, plan: list) -> list[int]:
@@ -116,6 +113,8 @@ class DocumentMaker:
                 DocumentMaker._logged = True
                 log.exception("document %d of %s failed; counted as 'error' (further failures are only counted)",
                               unit, self.source.label)
+            # What was counted as produced before the failure was not produced; the skips stand.
+            counts = {k: n for k, n in counts.items() if k not in stats.PRODUCED}
             counts["error"] = counts.get("error", 0) + 1
             ids = None
         if ids is not None and len(ids) < 2:
@@ -124,32 +123,40 @@ class DocumentMaker:
             counts["documents"] = counts.get("documents", 0) + 1
             counts["tokens"] = counts.get("tokens", 0) + len(ids)
         if self.pipeline_id:
-            stats.add(self.pipeline_id, counts)
+            stats.PRETRAIN_COUNTERS.add(self.pipeline_id, counts)
         if ids is None:
             return None
         arr = np.asarray(ids, dtype=np.int32)
         return {"input_ids": arr[:-1], "targets": arr[1:]}
 
     def _make(self, index: int, unit: int, counts: dict) -> list[int] | None:
+        if self.mode == "file":
+            return self._file_document(index, unit, counts)
+        return self._repo_document(index, unit, counts)
+
+    def _file_document(self, index: int, unit: int, counts: dict) -> list[int] | None:
+        """`content<|endoftext|>` of file `unit` (FIM'd or not), or None."""
+        kept = self._kept(self.source.file_repo_name(unit))
+        if kept is False:
+            counts["held_out"] = 1
+            return None
+        data = self.source.read_file(unit)
+        if kept is None and not self._kept(data.name or f"{self.source.label}#{unit}"):
+            counts["held_out"] = 1
+            return None
+        _merge(counts, data.skipped)
+        if not data.files:
+            return None
+        rng = np.random.default_rng([self.seed, self.salt, 0, index])
+        counts["files"] = 1
+        plan = self._file_pieces(data.files[0][1], self.sp.fim_prefix >= 0, rng, counts)
+        return self._render(plan + [self.sp.eos])
+
+    def _repo_document(self, index: int, unit: int, counts: dict) -> list[int] | None:
+        """`<repo_name>name<file_sep>path\\ncontent...<|endoftext|>` of unit = (repository, order k),
+        or None. Skips are counted once per repository (at k = 0), not once per order."""
         epoch = index // max(self.num_units, 1)
         sp = self.sp
-        if self.mode == "file":
-            kept = self._kept(self.source.file_repo_name(unit))
-            if kept is False:
-                counts["held_out"] = 1
-                return None
-            data = self.source.read_file(unit)
-            if kept is None and not self._kept(data.name or f"{self.source.label}#{unit}"):
-                counts["held_out"] = 1
-                return None
-            _merge(counts, data.skipped)
-            if not data.files:
-                return None
-            rng = np.random.default_rng([self.seed, self.salt, 0, index])
-            counts["files"] = 1
-            plan = self._file_pieces(data.files[0][1], sp.fim_prefix >= 0, rng, counts)
-            return self._render(plan + [sp.eos])
-
         repo, k = divmod(unit, self.orders)
         kept = self._kept(self.source.repo_name(repo))
         if kept is False:
@@ -161,7 +168,7 @@ class DocumentMaker:
             if k == 0:
                 counts["held_out"] = 1
             return None
-        if k == 0:  # skips are counted once per repository, not once per order
+        if k == 0:
             _merge(counts, data.skipped)
         if not data.files:
             if k == 0:

@@ -1,4 +1,5 @@
-"""Fill-in-the-middle, character level (SantaCoder / StarCoder recipe).
+"""Fill-in-the-middle, character level (SantaCoder / StarCoder recipe): the one definition of the
+FIM layout, for training documents and for generation prompts alike.
 
 A file is cut at two uniform points in [0, len(text)] (code points, sorted, empty pieces allowed)
 into prefix, middle and suffix; each piece is tokenized on its own (special-token strings inside
@@ -7,7 +8,8 @@ the text stay text), then laid out as
     PSM: <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle
     SPM: <fim_prefix> <fim_suffix> suffix <fim_middle> prefix middle      (SPM "variant 2")
 
-and the caller appends what follows the file (`<file_sep>` or `<|endoftext|>`). Every choice comes
+and the caller appends what follows the file (`<file_sep>` or `<|endoftext|>`). An infilling
+prompt is the PSM layout with the middle left for the model (`infill_prompt`). Every choice comes
 from the `np.random.Generator` it is handed, which the pipeline seeds from (seed, element index).
 `unpermute_ids` inverts the layout exactly: the original bytes come back.
 """
@@ -18,14 +20,14 @@ import dataclasses
 
 import numpy as np
 
-from sc_jax.tokenizer import FILE_SEP, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, REPO_NAME
+from sc_jax.tokenizer import EOS, FILE_SEP, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, REPO_NAME
 
 
 @dataclasses.dataclass(frozen=True)
 class SpecialIds:
-    """The ids the pipeline writes, looked up by string (never hard-coded)."""
+    """The ids the pipeline writes, looked up by string (never hard-coded); -1 = not in the tokenizer."""
 
-    eos: int
+    eos: int = -1
     fim_prefix: int = -1
     fim_middle: int = -1
     fim_suffix: int = -1
@@ -35,7 +37,7 @@ class SpecialIds:
     @classmethod
     def from_tokenizer(cls, tok) -> "SpecialIds":
         g = tok.special.get
-        return cls(eos=tok.eos_id, fim_prefix=g(FIM_PREFIX, -1), fim_middle=g(FIM_MIDDLE, -1),
+        return cls(eos=g(EOS, -1), fim_prefix=g(FIM_PREFIX, -1), fim_middle=g(FIM_MIDDLE, -1),
                    fim_suffix=g(FIM_SUFFIX, -1), repo_name=g(REPO_NAME, -1), file_sep=g(FILE_SEP, -1))
 
 
@@ -50,10 +52,29 @@ def split_text(text: str, rng: np.random.Generator) -> tuple[str, str, str]:
     return text[:i], text[i:j], text[j:]
 
 
-def layout_ids(prefix: list[int], middle: list[int], suffix: list[int], spm: bool, sp: SpecialIds) -> list[int]:
+def layout(prefix, middle, suffix, spm: bool, sp: SpecialIds) -> list:
+    """The PSM / SPM order of one file's three parts, whatever they are (texts or token lists):
+    a list of pieces, the special ids among them as ints."""
     if spm:
-        return [sp.fim_prefix, sp.fim_suffix, *suffix, sp.fim_middle, *prefix, *middle]
-    return [sp.fim_prefix, *prefix, sp.fim_suffix, *suffix, sp.fim_middle, *middle]
+        return [sp.fim_prefix, sp.fim_suffix, suffix, sp.fim_middle, prefix, middle]
+    return [sp.fim_prefix, prefix, sp.fim_suffix, suffix, sp.fim_middle, middle]
+
+
+def layout_ids(prefix: list[int], middle: list[int], suffix: list[int], spm: bool, sp: SpecialIds) -> list[int]:
+    """The layout of three token lists, as one token list."""
+    ids: list[int] = []
+    for piece in layout(prefix, middle, suffix, spm, sp):
+        if isinstance(piece, int):
+            ids.append(piece)
+        else:
+            ids.extend(piece)
+    return ids
+
+
+def infill_prompt(prefix: list[int], suffix: list[int], sp: SpecialIds) -> list[int]:
+    """What a model trained on these documents completes with the middle:
+    `<fim_prefix> prefix <fim_suffix> suffix <fim_middle>` (PSM, the middle left out)."""
+    return layout_ids(prefix, [], suffix, False, sp)
 
 
 def permute_text(text: str, rng: np.random.Generator, spm_rate: float = 0.5) -> tuple[str, str, str, bool]:

@@ -1,8 +1,9 @@
 """Look at what the data pipeline feeds the model.
 
-    python -m sc_jax.data.inspect --config experiments/configs/cpu.yaml [data.fim_rate=0.9 ...]
+    python -m sc_jax.data.inspect --config experiments/configs/quickstart.yaml [data.fim_rate=0.9 ...]
 
-FILE is a training YAML with a top-level `data:` section (seq_len then comes from `train.seq_len`
+(quickstart.yaml reads what `python experiments/quickstart.py` makes: its tokenizer and dataset.)
+--config is a training YAML with a top-level `data:` section (seq_len then comes from `train.seq_len`
 unless --seq-len is given) or a YAML holding only data keys. Prints a few packed rows decoded with
 the special tokens visible, then statistics over --batches batches: tokens/s, fill rate, FIM
 fraction, documents per row, and the files skipped and why.
@@ -10,7 +11,6 @@ fraction, documents per row, and the files skipped and why.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -18,29 +18,59 @@ import time
 import yaml
 
 from sc_jax.config import ConfigError, apply_overrides, from_dict
+from sc_jax.data.cli import Parser, first_line, whole_number
+
+
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "does not exist"
+        raise ConfigError(f"config file '{path}' {what}: give a YAML file, e.g. experiments/configs/quickstart.yaml")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"config file '{path}' cannot be read as YAML{_yaml_problem(e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    return raw
+
+
+def _yaml_problem(e: Exception) -> str:
+    """' (line N): what' for a YAML syntax error, ': the error' for others."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is not None and problem:
+        return f" (line {mark.line + 1}): {problem}"
+    return f": {first_line(e)}"
+
+
+def _seq_len_value(value, where: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where} = {value!r} must be a whole number (the row length, e.g. 1024)") from None
+    if n < 2:
+        raise ConfigError(f"{where} = {n} must be at least 2")
+    return n
 
 
 def load_data_config(path: str, overrides: list[str] = ()):
     """(DataConfig, seq_len or None) from a training YAML (`data:` section) or a data-only YAML."""
     from sc_jax.data.config import DataConfig
 
-    if not os.path.exists(path):
-        raise ConfigError(f"config file '{path}' does not exist")
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+    raw = _read_yaml(path)
     seq_len = None
     if "data" in raw and isinstance(raw["data"], dict):
         train = raw.get("train") or {}
         seq_len = train.get("seq_len") if isinstance(train, dict) else None
+        if seq_len is not None:
+            seq_len = _seq_len_value(seq_len, f"train.seq_len in {path}")
         raw = raw["data"]
     base = os.path.dirname(os.path.abspath(path))
     data_overrides = []
     for item in overrides:
         key = item.split("=", 1)[0]
         if key == "train.seq_len":
-            seq_len = int(item.split("=", 1)[1])
+            seq_len = _seq_len_value(item.split("=", 1)[1], "train.seq_len")
         elif key.startswith("data."):
             data_overrides.append(item[len("data."):])
         elif "." in key and key.split(".")[0] in ("train", "model", "eval", "checkpoint", "mesh", "optimizer"):
@@ -48,7 +78,12 @@ def load_data_config(path: str, overrides: list[str] = ()):
         else:
             data_overrides.append(item)
     if data_overrides:
-        raw = apply_overrides(raw, data_overrides, DataConfig)
+        try:
+            raw = apply_overrides(raw, data_overrides, DataConfig)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or first_line(e)
+            raise ConfigError(f"an override's value is not valid YAML ({problem}); quote it in the shell, "
+                              "e.g. data.sources='[{kind: dir, path: DIR}]'") from None
     cfg = from_dict(DataConfig, raw, "data")
     # Relative paths in the YAML are relative to the file when they do not exist from here.
     def fix(p: str) -> str:
@@ -80,7 +115,8 @@ def _clip(text: str, max_chars: int) -> str:
     return text
 
 
-def show_row(batch, r: int, tok, max_chars: int, out=sys.stdout) -> None:
+def show_row(batch, r: int, tok, max_chars: int, out=None) -> None:
+    out = out or sys.stdout  # looked up per call: a default would keep the stdout of import time
     seg = batch["segment_ids"][r]
     n_pad = int((seg == 0).sum())
     segs = list(_segments(seg))
@@ -108,24 +144,32 @@ def format_stats(st: dict, wall: float, tokens: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sc_jax.data.inspect", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--config", required=True, help="training YAML (with data:) or a data-only YAML")
+def _parser() -> Parser:
+    doc = __doc__.split("\n\n", 1)
+    parser = Parser(prog="python -m sc_jax.data.inspect", description=doc[0], epilog=doc[1])
+    parser.add_argument("--config", required=True, metavar="FILE",
+                        help="training YAML (with data:) or a data-only YAML")
     parser.add_argument("overrides", nargs="*", help="key=value (data.* or bare data keys; train.seq_len=N)")
-    parser.add_argument("--seq-len", type=int, default=None, help="row length (default: train.seq_len, else 1024)")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--rows", type=int, default=2, help="rows to decode and print")
-    parser.add_argument("--batches", type=int, default=20, help="batches to read for the statistics")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", choices=("train", "eval"), default="train")
-    parser.add_argument("--max-chars", type=int, default=1200, help="characters shown per segment (0 = all)")
-    args = parser.parse_args(argv)
-    from sc_jax.data import make_eval_iterator, make_train_iterator
+    parser.add_argument("--seq-len", type=whole_number(2), default=None, metavar="N",
+                        help="row length (default: train.seq_len, else 1024)")
+    parser.add_argument("--batch-size", type=whole_number(1), default=4, metavar="N", help="rows per batch")
+    parser.add_argument("--rows", type=whole_number(0), default=2, metavar="N", help="rows to decode and print")
+    parser.add_argument("--batches", type=whole_number(1), default=20, metavar="N",
+                        help="batches to read for the statistics")
+    parser.add_argument("--seed", type=whole_number(0), default=0, metavar="N", help="shuffling and FIM seed")
+    parser.add_argument("--split", choices=("train", "eval"), default="train",
+                        help="train: the training stream; eval: one pass over the held-out data")
+    parser.add_argument("--max-chars", type=whole_number(0), default=1200, metavar="N",
+                        help="characters shown per segment (0 = all)")
+    return parser
 
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     it = None
     try:
         cfg, file_seq_len = load_data_config(args.config, args.overrides)
+        from sc_jax.data import make_eval_iterator, make_train_iterator  # grain: seconds, after the config is read
         seq_len = args.seq_len or file_seq_len or 1024
         make = make_train_iterator if args.split == "train" else make_eval_iterator
         t0 = time.perf_counter()
@@ -155,6 +199,9 @@ def main(argv=None) -> int:
         return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a source that cannot be listed or read at all
+        print(f"error: {first_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

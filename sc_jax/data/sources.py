@@ -6,9 +6,10 @@ Every source presents the same two views, so documents can be built per reposito
 - files: `num_files()`, `file_repo_name(j)`, `read_file(j)`.
 
 Reads return a `RepoData` (name, clean (path, text) pairs, skip counts). Nothing raises on bad
-input: unreadable, undecodable, binary, empty, oversized, minified and malformed inputs are
-skipped and counted, at scan time (`scan_skipped`, counted once, in the main process) or at read
-time (in `RepoData.skipped`, counted by the pipeline's statistics).
+input: unreadable, undecodable, binary, empty, oversized, minified and malformed inputs, and names
+that are not UTF-8 (`bad_filename`, `bad_filename_dir`, `bad_repo_name`), are skipped and counted,
+at scan time (`scan_skipped`, counted once, in the main process) or at read time (in
+`RepoData.skipped`, counted by the pipeline's statistics).
 
 Kinds: `dir` (a directory of repositories), `jsonl` and `parquet` (The Stack's layout: one row per
 file with content, repository name, path, language), `tfds` (ArrayRecord files written by
@@ -21,7 +22,6 @@ import collections
 import dataclasses
 import fnmatch
 import glob
-import gzip
 import json
 import os
 import threading
@@ -30,6 +30,7 @@ import numpy as np
 
 from sc_jax.config import ConfigError
 from sc_jax.data.config import LANGUAGE_EXTENSIONS, DataConfig, SourceConfig, normalize_language
+from sc_jax.data.jsonl import JsonlIndex
 
 _BINARY_SNIFF_BYTES = 8192
 _MINIFIED_SUFFIXES = (".min.js", ".min.css", ".min.mjs", "-min.js", ".bundle.js")
@@ -53,6 +54,17 @@ class RepoData:
 
 def _count(d: dict, key: str, n: int = 1) -> None:
     d[key] = d.get(key, 0) + n
+
+
+def is_utf8(name: str) -> bool:
+    """Whether a name can be written as text. File names that are not UTF-8 reach Python as lone
+    surrogates (os.fsdecode's surrogateescape; in JSON, from bad \\u escapes): no tokenizer and no
+    TFDS Text feature takes them, so such a name would fail its whole document."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # ----------------------------------------------------------------------------- filtering
@@ -83,6 +95,9 @@ class FileFilter:
                    vendored_dirs=frozenset(cfg.vendored_dirs), skip_hidden=cfg.skip_hidden)
 
     def dir_skip_reason(self, name: str) -> str | None:
+        """Reason to prune a directory (counted as `{reason}_dir`; None = descend)."""
+        if not is_utf8(name):
+            return "bad_filename"
         if name in self.vendored_dirs:
             return "vendored"
         if self.skip_hidden and name.startswith("."):
@@ -91,6 +106,8 @@ class FileFilter:
 
     def name_skip_reason(self, path: str) -> str | None:
         """Reason to skip a file by its path alone (None = keep)."""
+        if not is_utf8(path):
+            return "bad_filename"
         base = os.path.basename(path)
         if self.skip_hidden and base.startswith("."):
             return "hidden"
@@ -153,6 +170,19 @@ class FileFilter:
         return self.clean(data)
 
 
+def size_skip_reason(path: str, filt: FileFilter) -> str | None:
+    """Reason to skip a file by its size alone (None = keep)."""
+    try:
+        size = os.stat(path).st_size
+    except OSError:  # a dangling link, or removed since the listing
+        return "unreadable"
+    if size == 0:
+        return "empty"
+    if filt.max_file_bytes and size > filt.max_file_bytes:
+        return "oversized"
+    return None
+
+
 def scan_tree(root: str, filt: FileFilter, skipped: dict[str, int]) -> list[str]:
     """Absolute paths of the files under `root` that pass the name/size filters, sorted."""
     out: list[str] = []
@@ -167,17 +197,7 @@ def scan_tree(root: str, filt: FileFilter, skipped: dict[str, int]) -> list[str]
         dirnames[:] = keep
         for name in sorted(filenames):
             full = os.path.join(dirpath, name)
-            reason = filt.name_skip_reason(name)
-            if reason is None:
-                try:
-                    size = os.stat(full).st_size
-                except OSError:
-                    reason = "unreadable"
-                else:
-                    if size == 0:
-                        reason = "empty"
-                    elif filt.max_file_bytes and size > filt.max_file_bytes:
-                        reason = "oversized"
+            reason = filt.name_skip_reason(name) or size_skip_reason(full, filt)
             if reason:
                 _count(skipped, reason)
                 continue
@@ -203,7 +223,7 @@ def expand_paths(path: str, patterns: tuple[str, ...], what: str) -> list[str]:
     elif os.path.isfile(path):
         files = [path]
     else:
-        raise DataError(f"{what} path '{path}' does not exist")
+        raise DataError(f"{what} path '{path}' does not exist: check the source's path")
     if not files:
         raise DataError(f"{what} path '{path}' holds no files matching {', '.join(patterns)}")
     return files
@@ -272,20 +292,24 @@ class DirSource(Source):
         super().__init__(src, filt, max_repo_bytes)
         root = os.path.abspath(src.path)
         if not os.path.isdir(root):
-            raise DataError(f"dir source '{src.path}' is not a directory" if os.path.exists(root)
-                            else f"dir source '{src.path}' does not exist")
+            raise DataError(f"dir source '{src.path}' is not a directory: give a directory of repositories, or use "
+                            "kind jsonl/parquet for a file" if os.path.exists(root)
+                            else f"dir source '{src.path}' does not exist: check the source's path")
         self.root = root
+        names = sorted(os.listdir(root))
+        top_files = [n for n in names if os.path.isfile(os.path.join(root, n))]
         layout = src.layout
-        top_files = [n for n in sorted(os.listdir(root)) if os.path.isfile(os.path.join(root, n))
-                     and filt.name_skip_reason(n) is None]
         if layout == "auto":
-            layout = "repo" if top_files else "repos"
+            layout = "repo" if any(filt.name_skip_reason(n) is None for n in top_files) else "repos"
         repos: list[tuple[str, str, list[str]]] = []  # (name, dir, relative paths)
         if layout == "repo":
             files = scan_tree(root, filt, self.scan_skipped)
-            repos.append((os.path.basename(root), root, [os.path.relpath(f, root) for f in files]))
+            if files:
+                self._add_repo(repos, os.path.basename(root), root, files)
+            else:
+                _count(self.scan_skipped, "empty_repo")
         else:
-            for d in sorted(os.listdir(root)):
+            for d in names:
                 full = os.path.join(root, d)
                 if not os.path.isdir(full):
                     continue
@@ -301,21 +325,32 @@ class DirSource(Source):
                     continue
                 repos.append((d, full, [os.path.relpath(f, full) for f in files]))
             if top_files and (not src.include or any(fnmatch.fnmatch(os.path.basename(root), p) for p in src.include)):
-                loose = []
-                for n in top_files:
-                    size = os.stat(os.path.join(root, n)).st_size
-                    if size == 0:
-                        _count(self.scan_skipped, "empty")
-                    elif filt.max_file_bytes and size > filt.max_file_bytes:
-                        _count(self.scan_skipped, "oversized")
-                    else:
-                        loose.append(n)
+                loose = self._loose_files(root, top_files)
                 if loose:
-                    repos.append((os.path.basename(root), root, loose))
+                    self._add_repo(repos, os.path.basename(root), root, loose)
         self.repos = repos
         counts = np.array([len(r[2]) for r in repos], dtype=np.int64)
         self._file_repo = np.repeat(np.arange(len(repos), dtype=np.int64), counts)
         self._file_offset = np.concatenate([[0], np.cumsum(counts)])[:-1] if len(repos) else np.zeros(0, np.int64)
+
+    def _add_repo(self, repos: list, name: str, base: str, files: list[str]) -> None:
+        """Appends the repository `name` at `base` (files: absolute paths) unless its name is unusable."""
+        if not is_utf8(name):  # the name is written into every document of the repository
+            _count(self.scan_skipped, "bad_filename_dir")
+            return
+        repos.append((name, base, [os.path.relpath(f, base) for f in files]))
+
+    def _loose_files(self, root: str, names: list[str]) -> list[str]:
+        """The files at the top of a `repos` directory (one more repository), filtered and counted."""
+        kept = []
+        for n in names:
+            full = os.path.join(root, n)
+            reason = self.filter.name_skip_reason(n) or size_skip_reason(full, self.filter)
+            if reason:
+                _count(self.scan_skipped, reason)
+            else:
+                kept.append(full)
+        return kept
 
     def num_repos(self) -> int:
         return len(self.repos)
@@ -400,6 +435,9 @@ class _TableSource(Source):
             return
         if not data.name and repo:
             data.name = repo
+        if path and not is_utf8(path):
+            _count(data.skipped, "bad_filename")
+            return
         if not self.group_repos and not self.filter.row_selected(lang, path):
             _count(data.skipped, "not_selected")
             return
@@ -435,83 +473,40 @@ class JsonlSource(_TableSource):
     def __init__(self, src: SourceConfig, filt: FileFilter, max_repo_bytes: int = 0, group_repos: bool = True):
         super().__init__(src, filt, max_repo_bytes, group_repos)
         self.files = expand_paths(src.path, ("*.jsonl", "*.jsonl.gz", "*.ndjson"), "jsonl")
-        self._local = threading.local()
-        starts, ends, fids = [], [], []
-        for fid in range(len(self.files)):
-            try:
-                s, e = self._line_offsets(fid)
-            except OSError:
-                _count(self.scan_skipped, "unreadable")
-                continue
-            keep = (e - s) > 0
-            starts.append(s[keep]), ends.append(e[keep]), fids.append(np.full(int(keep.sum()), fid, np.int64))
-        self._start = np.concatenate(starts) if starts else np.zeros(0, np.int64)
-        self._end = np.concatenate(ends) if ends else np.zeros(0, np.int64)
-        self._fid = np.concatenate(fids) if fids else np.zeros(0, np.int64)
-        n = len(self._start)
+        self.index = JsonlIndex.build(self.files, unreadable=self.scan_skipped)
         if group_repos:
-            names: list[str | None] = [None] * n
-            keep = np.zeros(n, bool)
-            for row in range(n):
-                try:
-                    rec = self._parse(row)
-                    if rec is None:  # a blank line: not a record
-                        continue
-                    content_key = _detect_key(rec, src.content_key, CONTENT_KEYS)
-                    if content_key is None or content_key not in rec:
-                        raise ValueError("no content")
-                    repo_key = _detect_key(rec, src.repo_key, REPO_KEYS)
-                    path = rec.get(_detect_key(rec, src.path_key, PATH_KEYS) or "", None)
-                    lang = rec.get(_detect_key(rec, src.language_key, LANGUAGE_KEYS) or "", None)
-                except (ValueError, TypeError, UnicodeDecodeError):
-                    _count(self.scan_skipped, "malformed")
-                    continue
-                if not filt.row_selected(lang if isinstance(lang, str) else None, path if isinstance(path, str) else None):
-                    _count(self.scan_skipped, "not_selected")
-                    continue
-                repo = rec.get(repo_key) if repo_key else None
-                names[row] = str(repo) if repo is not None else None
-                keep[row] = True
+            names, keep = self._scan_rows()
             self._group(names, keep)
             self._rows = np.flatnonzero(keep)
         else:
-            self._rows = np.arange(n, dtype=np.int64)
+            self._rows = np.arange(len(self.index), dtype=np.int64)
 
-    def _file_bytes(self, fid: int) -> bytes:
-        """A .gz file, decompressed into memory (plain files are read line by line with pread)."""
-        cache = self.__dict__.setdefault("_gz", {})
-        if fid not in cache:
-            with gzip.open(self.files[fid], "rb") as f:
-                cache[fid] = f.read()
-        return cache[fid]
-
-    def _line_offsets(self, fid: int) -> tuple[np.ndarray, np.ndarray]:
-        """(starts, ends) of the lines of one file, scanned in 64 MiB chunks."""
-        path = self.files[fid]
-        if path.endswith(".gz"):
-            buf = np.frombuffer(self._file_bytes(fid), np.uint8)
-            nl, size = np.flatnonzero(buf == 10), len(buf)
-        else:
-            parts, size = [], 0
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 26):
-                    parts.append(np.flatnonzero(np.frombuffer(chunk, np.uint8) == 10) + size)
-                    size += len(chunk)
-            nl = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        nl = nl.astype(np.int64)
-        return np.concatenate([[0], nl + 1]), np.concatenate([nl, [size]])
-
-    def _read_bytes(self, row: int) -> bytes:
-        fid, start, end = int(self._fid[row]), int(self._start[row]), int(self._end[row])
-        if self.files[fid].endswith(".gz"):
-            return bytes(self._file_bytes(fid)[start:end])
-        fds = self._local.__dict__.setdefault("fds", {})
-        if fid not in fds:
-            fds[fid] = os.open(self.files[fid], os.O_RDONLY)
-        return os.pread(fds[fid], end - start, start)
+    def _scan_rows(self) -> tuple[list[str | None], np.ndarray]:
+        """(repository name per row, which rows are usable files): one pass over the rows."""
+        names: list[str | None] = [None] * len(self.index)
+        keep = np.zeros(len(self.index), bool)
+        for row in range(len(self.index)):
+            try:
+                rec = self._parse(row)
+                if rec is None:  # a blank line: not a record
+                    continue
+                repo, path, lang, _ = self._fields(rec)
+            except (ValueError, TypeError, UnicodeDecodeError):
+                _count(self.scan_skipped, "malformed")
+                continue
+            if not self.filter.row_selected(lang if isinstance(lang, str) else None,
+                                            path if isinstance(path, str) else None):
+                _count(self.scan_skipped, "not_selected")
+                continue
+            if repo is not None and not is_utf8(str(repo)):  # from a bad \u escape: cannot be written
+                _count(self.scan_skipped, "bad_repo_name")
+                continue
+            names[row] = str(repo) if repo is not None else None
+            keep[row] = True
+        return names, keep
 
     def _parse(self, row: int) -> dict | None:
-        raw = self._read_bytes(row)
+        raw = self.index.read(row)
         if not raw.strip():
             return None
         rec = json.loads(raw)
@@ -519,32 +514,28 @@ class JsonlSource(_TableSource):
             raise ValueError("not an object")
         return rec
 
-    def _read_row(self, row: int):
-        rec = self._parse(row)
-        if rec is None:
-            return None
+    def _fields(self, rec: dict) -> tuple:
+        """(repo, path, language, content) of a record as stored (any JSON type); ValueError
+        when it has no content."""
         src = self.config
         content_key = _detect_key(rec, src.content_key, CONTENT_KEYS)
         if content_key is None or content_key not in rec:
             raise ValueError("no content")
-        repo_key = _detect_key(rec, src.repo_key, REPO_KEYS)
-        path_key = _detect_key(rec, src.path_key, PATH_KEYS)
-        lang_key = _detect_key(rec, src.language_key, LANGUAGE_KEYS)
-        repo = rec.get(repo_key) if repo_key else None
-        path = rec.get(path_key) if path_key else None
-        lang = rec.get(lang_key) if lang_key else None
+
+        def field(configured: str, candidates: tuple[str, ...]):
+            key = _detect_key(rec, configured, candidates)
+            return rec.get(key) if key else None
+
+        return (field(src.repo_key, REPO_KEYS), field(src.path_key, PATH_KEYS),
+                field(src.language_key, LANGUAGE_KEYS), rec[content_key])
+
+    def _read_row(self, row: int):
+        rec = self._parse(row)
+        if rec is None:
+            return None
+        repo, path, lang, content = self._fields(rec)
         return (None if repo is None else str(repo), None if path is None else str(path),
-                lang if isinstance(lang, str) else None, rec[content_key])
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_gz", None)
-        state["_local"] = None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._local = threading.local()
+                lang if isinstance(lang, str) else None, content)
 
 
 class ParquetSource(_TableSource):
@@ -681,7 +672,8 @@ class TfdsSource(Source):
     def __init__(self, src: SourceConfig, filt: FileFilter, max_repo_bytes: int = 0, group_repos: bool = True):
         super().__init__(src, filt, max_repo_bytes)
         if not os.path.exists(src.path):
-            raise DataError(f"tfds source '{src.path}' does not exist")
+            raise DataError(f"tfds source '{src.path}' does not exist: check the source's path (a dataset directory "
+                            "written by `python -m sc_jax.data.tfds_builder`, or its data_dir)")
         self._ds = open_tfds_data_source(src.path, src.split, src.tfds_name)
         self._n = len(self._ds)
         self.group_repos = group_repos

@@ -1,9 +1,12 @@
-"""Pipeline counters that survive worker processes.
+"""Pipeline counters that survive worker processes: the one registry of every task.
 
-Document builders (in whatever process runs them) add to a per-pipeline counter vector in their
-own process; the last stage of the pipeline, in that same process, moves the counts accumulated
+Example functions (in whatever thread or process runs them) add to a per-pipeline counter vector
+in their own process; the last stage of the pipeline, in that same process, moves the counts made
 since the previous batch into the batch (`STATS_KEY`). The iterator in the trainer's process pops
 that key and sums: counts from every worker arrive with the batches they belong to.
+
+Each task names its counters once (a `CounterSet`); saved iterator states store the vector in
+that order, so new names only ever go at the end.
 """
 
 from __future__ import annotations
@@ -14,51 +17,82 @@ import numpy as np
 
 STATS_KEY = "_stats"
 
+# Pretraining: what the document builders count.
 COUNTERS: tuple[str, ...] = (
     # what was produced
     "repos", "documents", "files", "fim_files", "spm_files", "tokens",
     # why inputs were dropped (read time; scan-time reasons are counted by the sources)
     "unreadable", "undecodable", "binary", "empty", "oversized", "long_lines", "malformed", "not_selected",
     "vendored", "hidden", "empty_repo", "repo_oversized", "duplicate_order", "held_out", "error",
+    # Added later: new names go at the end, so the counters of a saved iterator state still line up.
+    "bad_filename",
 )
 PRODUCED = COUNTERS[:6]
 INDEX = {name: i for i, name in enumerate(COUNTERS)}
 
 _lock = threading.Lock()
-_registry: dict[str, np.ndarray] = {}
+_registry: dict[str, np.ndarray] = {}  # pipeline id -> the counts not yet sent with a batch
 
 
-def add(pipeline_id: str, counts: dict[str, int]) -> None:
-    with _lock:
-        vec = _registry.get(pipeline_id)
-        if vec is None:
-            vec = _registry[pipeline_id] = np.zeros(len(COUNTERS), np.int64)
-        for key, n in counts.items():
-            vec[INDEX.get(key, INDEX["error"])] += n
+class CounterSet:
+    """The names one task counts, in their saved order; `other` (if any) takes unknown names."""
+
+    def __init__(self, names: tuple[str, ...], other: str | None = None):
+        self.names = tuple(names)
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.other = other
+
+    def zeros(self) -> np.ndarray:
+        return np.zeros(len(self.names), np.int64)
+
+    def add(self, pipeline_id: str, counts: dict[str, int]) -> None:
+        with _lock:
+            vec = _registry.get(pipeline_id)
+            if vec is None:
+                vec = _registry[pipeline_id] = self.zeros()
+            for name, n in counts.items():
+                vec[self.index[name] if self.other is None else self.index.get(name, self.index[self.other])] += n
+
+    def take(self, pipeline_id: str) -> np.ndarray:
+        """The counts since the last call (in this process), zeroing them."""
+        with _lock:
+            vec = _registry.get(pipeline_id)
+            if vec is None:
+                return self.zeros()
+            out = vec.copy()
+            vec[:] = 0
+            return out
+
+    def to_dict(self, vec) -> dict[str, int]:
+        return {name: int(vec[i]) for i, name in enumerate(self.names)}
+
+    def restore(self, saved) -> np.ndarray | None:
+        """The vector of a saved state, or None when it cannot be ours (longer than our names).
+        A shorter one was saved before names were appended: it lines up with the first ones."""
+        if saved is None or len(saved) > len(self.names):
+            return None
+        vec = self.zeros()
+        vec[:len(saved)] = np.asarray(saved, np.int64)
+        return vec
 
 
-def take(pipeline_id: str) -> np.ndarray:
-    """The counts since the last call (in this process), zeroing them."""
-    with _lock:
-        vec = _registry.get(pipeline_id)
-        if vec is None:
-            return np.zeros(len(COUNTERS), np.int64)
-        out = vec.copy()
-        vec[:] = 0
-        return out
+PRETRAIN_COUNTERS = CounterSet(COUNTERS, other="error")
 
 
-def to_dict(vec) -> dict[str, int]:
-    return {name: int(vec[i]) for i, name in enumerate(COUNTERS)}
+def merge_counts(dicts) -> dict[str, int]:
+    """The sum of some {reason: count} dicts, sorted by reason."""
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return dict(sorted(out.items()))
 
 
 class AttachStats:
     """Grain map: puts this process's new counts into the batch."""
 
-    def __init__(self, pipeline_id: str):
-        self.pipeline_id = pipeline_id
+    def __init__(self, pipeline_id: str, counters: CounterSet):
+        self.pipeline_id, self.counters = pipeline_id, counters
 
     def __call__(self, batch: dict) -> dict:
-        batch = dict(batch)
-        batch[STATS_KEY] = take(self.pipeline_id)
-        return batch
+        return {**batch, STATS_KEY: self.counters.take(self.pipeline_id)}

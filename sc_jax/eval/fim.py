@@ -8,7 +8,7 @@ non-blank line are picked.
 
     prefix = prompt + solution lines before the mask
     suffix = solution lines after the mask
-    program = prefix + middle + suffix + tests          (pass = exit code 0)
+    program = prefix + middle + suffix + tests          (pass: as in `humaneval`)
 
 The model's middle is normalised before it is spliced in: in line mode it is cut after
 its first newline (a newline is added when it has none), in span mode a missing final
@@ -25,11 +25,19 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
 from collections.abc import Callable, Sequence
 
 from sc_jax.eval.execution import EvalError, SandboxConfig
-from sc_jax.eval.humaneval import DEFAULT_KS, EvalReport, Problem, _bar, execute_samples
+from sc_jax.eval.humaneval import (
+    DEFAULT_KS,
+    EvalReport,
+    OnBatch,
+    Problem,
+    _bar,
+    build_report,
+    generate_and_execute,
+    split_batches,
+)
 
 InfillFn = Callable[..., list[str]]
 MODES = ("line", "span")
@@ -139,15 +147,17 @@ def generate_middles(
     seed: int = 0,
     batch_size: int = 32,
     progress: bool = True,
+    on_batch: OnBatch | None = None,
 ) -> list[list[str]]:
-    """``n`` normalised middles per task: ``[task][sample]``; batch i uses seed ``seed + i``."""
+    """``n`` normalised middles per task: ``[task][sample]``; batch i uses seed ``seed + i``
+    (batches as `humaneval.split_batches` cuts them); `on_batch(jobs, middles)` gets each
+    batch as soon as it is generated."""
     if n < 1:
         raise EvalError(f"--n must be >= 1, got {n}")
     jobs = [(ti, si) for ti in range(len(tasks)) for si in range(n)]
     out: list[list[str]] = [[""] * n for _ in tasks]
     bar = _bar(len(jobs), "infill", progress)
-    for bi, start in enumerate(range(0, len(jobs), batch_size)):
-        batch = jobs[start : start + batch_size]
+    for bi, batch in enumerate(split_batches(jobs, batch_size)):
         texts = infill_fn(
             [tasks[ti].prefix for ti, _ in batch],
             [tasks[ti].suffix for ti, _ in batch],
@@ -159,8 +169,11 @@ def generate_middles(
         )
         if len(texts) != len(batch):
             raise EvalError(f"infill_fn returned {len(texts)} middles for {len(batch)} requests")
-        for (ti, si), text in zip(batch, texts):
-            out[ti][si] = normalize_middle(text, tasks[ti].mode)
+        middles = [normalize_middle(text, tasks[ti].mode) for (ti, _), text in zip(batch, texts)]
+        for (ti, si), middle in zip(batch, middles):
+            out[ti][si] = middle
+        if on_batch is not None:
+            on_batch(batch, middles)
         if bar is not None:
             bar.update(len(batch))
     if bar is not None:
@@ -185,19 +198,26 @@ def evaluate_fim(
     progress: bool = True,
     ks: Sequence[int] = DEFAULT_KS,
 ) -> EvalReport:
-    """Infill, execute, score pass@k and exact match; writes the report when `out_dir` is set."""
+    """Infill, execute (while infilling), score pass@k and exact match; writes the report
+    when `out_dir` is set."""
     if not tasks:
         raise EvalError("no FIM tasks")
+    if n < 1:
+        raise EvalError(f"--n must be >= 1, got {n}")
     mode = tasks[0].mode
-    t0 = time.monotonic()
-    middles = generate_middles(
-        tasks, infill_fn, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size, progress=progress,
-    )
+
+    def generate(on_batch):
+        return generate_middles(
+            tasks, infill_fn, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size, progress=False, on_batch=on_batch,
+        )
+
+    run = generate_and_execute(f"fim-{mode}", tasks, generate, total=len(tasks) * n, workers=workers,
+                               config=config, progress=progress)
     meta = {
         "mode": mode, "n": n, "max_new_tokens": max_new_tokens, "temperature": temperature,
         "top_p": top_p, "top_k": top_k, "seed": seed,
-        "generation_seconds": round(time.monotonic() - t0, 2),
+        "generation_seconds": round(run.generation_seconds, 2),
     }
 
     def extra(ti: int, si: int, text: str):
@@ -205,7 +225,4 @@ def evaluate_fim(
         return {"exact_match": exact_match(text, t.middle), "reference": t.middle,
                 "start_line": t.start_line, "num_lines": t.num_lines}
 
-    return execute_samples(
-        f"fim-{mode}", tasks, middles, workers=workers, config=config, progress=progress,
-        extra=extra, ks=ks, out_dir=out_dir, meta=meta,
-    )
+    return build_report(f"fim-{mode}", tasks, run, extra=extra, ks=ks, out_dir=out_dir, meta=meta)

