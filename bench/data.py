@@ -18,10 +18,9 @@ import sysconfig
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sc_jax.data import DataConfig, SourceConfig, make_train_iterator  # noqa: E402
-from sc_jax.tokenizer import iter_corpus_texts, train_tokenizer  # noqa: E402
+from sc_jax.data import DataConfig, SourceConfig, make_train_iterator
+from sc_jax.tokenizer import iter_corpus_texts, train_tokenizer
 
 DEFAULT_PACKAGES = ["json", "html", "http", "email", "urllib", "logging", "concurrent", "importlib", "xmlrpc",
                     "wsgiref", "sqlite3", "dbm", "tomllib", "zoneinfo", "asyncio", "unittest", "collections"]

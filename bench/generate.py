@@ -32,9 +32,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def timed(fn):
@@ -109,8 +108,8 @@ def best_time(fn, repeats: int) -> float:
 
 
 def xla_matmul_step(cfg, batch: int, dtype: str, steps: int = 32, repeats: int = 5) -> float:
-    """Seconds per decode step of the step's matmuls alone under XLA, laid out as
-    sc_jax.generate lays them out ([in,out] per layer, the head [V,E]), chained so
+    """Seconds per decode step of the step's matmuls alone under XLA, laid out as the
+    model's DecodeModel lays them out ([in,out] per layer, the head [V,E]), chained so
     that each product waits for the one before, `steps` steps in one fori_loop."""
     import jax
     import jax.numpy as jnp
@@ -161,8 +160,9 @@ def torch_matmul_step(hf, batch: int, steps: int = 32, repeats: int = 5) -> floa
     return best_time(run, repeats) / steps
 
 
-def run_point(args, cfg) -> dict:
-    """Times one (model, batch) point; prints its table; returns its numbers."""
+def build(args, cfg):
+    """(cfg, our Generator, the transformers model or None) for one point: the same random
+    weights on both sides (saved by transformers, read by sc_jax.convert.load_hf)."""
     import jax
     import torch
 
@@ -191,9 +191,48 @@ def run_point(args, cfg) -> dict:
             cfg, params = load_hf(tmp)
         hf_device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
         hf = hf.to(device=hf_device, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype])
-    gen = Generator(cfg, params, dtype=args.dtype, batch_size=args.batch)
-    del params
+    return cfg, Generator(cfg, params, dtype=args.dtype, batch_size=args.batch), hf
 
+
+def hf_runs(hf, prompts) -> dict:
+    """transformers' timed runs: a left-padded batch with an attention mask, greedy, no early stop."""
+    import torch
+
+    B, P = len(prompts), max(map(len, prompts))
+    ids = torch.zeros((B, P), dtype=torch.long)
+    mask = torch.zeros((B, P), dtype=torch.long)
+    for r, pr in enumerate(prompts):
+        ids[r, P - len(pr):] = torch.tensor(pr)
+        mask[r, P - len(pr):] = 1
+    ids, mask = ids.to(hf.device), mask.to(hf.device)
+
+    def theirs(n):
+        with torch.no_grad():
+            out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=0, eos_token_id=0)
+        return out[:, P:].tolist()  # .tolist() waits for the GPU
+
+    theirs(4)  # warm-up
+    return theirs
+
+
+def interleaved_best(runs: dict, repeats: int) -> tuple[dict, dict]:
+    """({name: best seconds}, {name: last output}), the runs interleaved: a busy machine slows all alike."""
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    outs: dict = {}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            t, outs[name] = timed(fn)
+            times[name].append(t)
+    return {k: min(v) for k, v in times.items()}, outs
+
+
+def run_point(args, cfg) -> dict:
+    """Times one (model, batch) point; prints its table; returns its numbers."""
+    import jax
+    import torch
+
+    cfg, gen, hf = build(args, cfg)
     rng = np.random.RandomState(args.seed)
     lengths = np.linspace(args.prompt_len, max(1, args.prompt_len // 2), args.batch).astype(int)[::-1]
     prompts = [rng.randint(1, cfg.vocab_size, size=n).tolist() for n in lengths]
@@ -211,34 +250,22 @@ def run_point(args, cfg) -> dict:
     ours(N), ours(1)
     compile_s = time.perf_counter() - t0
     runs = {"ours": lambda: ours(N), "ours_pre": lambda: ours(1)}
-
-    if hf is not None:  # left-padded batch with an attention mask, greedy, no early stop
-        P = max(lengths)
-        ids = torch.zeros((B, P), dtype=torch.long)
-        mask = torch.zeros((B, P), dtype=torch.long)
-        for r, pr in enumerate(prompts):
-            ids[r, P - len(pr):] = torch.tensor(pr)
-            mask[r, P - len(pr):] = 1
-        ids, mask = ids.to(hf.device), mask.to(hf.device)
-
-        def theirs(n):
-            with torch.no_grad():
-                out = hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=0, eos_token_id=0)
-            return out[:, P:].tolist()  # .tolist() waits for the GPU
-
-        theirs(4)  # warm-up
+    if hf is not None:
+        theirs = hf_runs(hf, prompts)
         runs.update(hf=lambda: theirs(N), hf_pre=lambda: theirs(1))
-
-    # Interleaved, best of --repeats each: a busy machine slows both alike.
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    outs: dict = {}
-    for _ in range(args.repeats):
-        for name, fn in runs.items():
-            t, outs[name] = timed(fn)
-            times[name].append(t)
-    best = {k: min(v) for k, v in times.items()}
+    best, outs = interleaved_best(runs, args.repeats)
     assert all(len(o) == N for o in outs["ours"])
+    res = report(args, cfg, hf, best, outs, compile_s)
+    if args.profile:
+        profile(lambda: ours(N), N)
+    return res
+
+
+def report(args, cfg, hf, best: dict, outs: dict, compile_s: float) -> dict:
+    """Prints the point's table (and the matmuls alone); returns its numbers."""
+    import jax
+
+    B, N = args.batch, args.new_tokens
 
     def row(name, total, pre, extra=""):
         return name, total, B * N / total, B * (N - 1) / max(total - pre, 1e-9), extra
@@ -271,8 +298,6 @@ def run_point(args, cfg) -> dict:
             line += (f", torch {res['torch_mm'] * 1e3:.2f} ms; transformers' whole step {hf_step * 1e3:.2f} ms, "
                      f"ours {B / res['ours'] * 1e3:.2f} ms: at most {hf_step / res['xla_mm']:.2f}x with XLA's matmuls")
         print(line)
-    if args.profile:
-        profile(lambda: ours(N), N)
     return res
 
 

@@ -8,10 +8,7 @@ Prints one table per part; every comparison is side by side in this one run."""
 import argparse
 import json
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +27,7 @@ def attention_parity(T=4096, B=2, H=32, D=80):
     for i in range(3):
         seg[:, cuts[i]:cuts[i + 1]] = i + 1
     seg = jnp.asarray(seg)
-    slot = jnp.arange(T)
-    mask = M.AttentionMask(seg, seg, slot, slot)
+    mask = M.AttentionMask.causal(seg)
 
     def loss(f):
         return lambda q, k, v: (f(q, k, v).astype(jnp.float32) * w * (seg[..., None, None] > 0)).sum()

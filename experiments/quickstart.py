@@ -36,7 +36,6 @@ import sysconfig
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 CONFIG = os.path.join(ROOT, "experiments", "configs", "quickstart.yaml")
 PACKAGES = ("json", "email", "http", "urllib", "logging", "asyncio", "concurrent", "importlib", "xml", "unittest",
@@ -140,7 +139,7 @@ def masked_line_loss(model_cfg, params, gen, tasks) -> float:
     from flax import nnx
 
     from sc_jax import model as M
-    from sc_jax.step import loss_sums
+    from sc_jax.train.step import loss_sums
 
     rows = [(gen.fim_ids(t.prefix, t.suffix, FIM_NEW_TOKENS), gen.tokenizer.encode(t.middle, allow_special=False))
             for t in tasks]

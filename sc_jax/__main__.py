@@ -7,15 +7,15 @@ import difflib
 import runpy
 import sys
 
-# Every `python -m sc_jax.X` entry point (tests/test_bad_inputs_cli.py checks that this
-# table and the package's `if __name__ == "__main__"` modules agree).
+# Every `python -m sc_jax.X` entry point: a package's __main__.py or a command-only module
+# (tests/test_bad_inputs_cli.py checks that this table and the entry points in the tree agree).
 COMMANDS = {
     "train": "train a model (pre-training, SFT or DPO) from a YAML config; a rerun resumes from its checkpoints",
     "plan": "will it fit? per-device memory, FLOPs and step time of a config on N devices, compiled on this CPU",
     "sweep": "a hyper-parameter grid of training runs, one after another here or on SLURM / a TPU pod",
     "convert": "checkpoints between Hugging Face (safetensors) and orbax, both directions",
     "generate": "complete a prompt or fill in the middle with a checkpoint (greedy or sampled)",
-    "eval": "HumanEval, MultiPL-E and fill-in-the-middle benchmarks, the programs run in a sandbox",
+    "eval": "HumanEval, MultiPL-E and fill-in-the-middle, run in a sandbox; `eval score`: samples made elsewhere",
     "tokenizer": "train a byte-level BPE with the FIM, repository and chat special tokens on local code",
     "data.inspect": "look at the rows the data pipeline feeds the model, and its statistics",
     "data.tfds_builder": "write code repositories (directories, JSONL, Parquet) as TFDS ArrayRecord files",

@@ -3,12 +3,14 @@
 Layout: a checkpoint directory is an orbax `CheckpointManager` directory with one
 sub-directory per step; a training run keeps its own in `RUN/checkpoints/`. Each
 step holds the items
-    params      the model parameters (a pure dict, fp32 master weights)
+    params      the model parameters (a pure dict: fp32 master weights in training runs;
+                a conversion keeps the Hugging Face checkpoint's dtype unless told otherwise)
     opt_state   the optimizer state (training checkpoints only)
     model       the ModelConfig as JSON
     meta        JSON: step, the resolved run config, the data iterator state
 Orbax writes each step to a temporary directory and renames it when complete, so
-a crash never leaves a half-written step that looks valid.
+a crash never leaves a half-written step that looks valid. A training step that does
+not read back is moved to checkpoints/damaged/ (orbax ignores it there).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from orbax.checkpoint.checkpoint_utils import STANDARD_ARRAY_TYPES
 from orbax.checkpoint._src.serialization import ocdbt_utils, tensorstore_utils, type_handlers
 
 from sc_jax.config import ConfigError, ModelConfig, from_dict
+from sc_jax.fileio import unused_path
+from sc_jax.loading import CHECKPOINTS  # noqa: F401 - a run's checkpoint directory, named once
 from sc_jax.pytree import dotted, get_path, set_path
 
-CHECKPOINTS = "checkpoints"
 # orbax reports every read-only open and every item it was not asked to restore at WARNING.
 logging.getLogger("absl").setLevel(logging.ERROR)
 
@@ -100,21 +103,39 @@ def abstract_like(tree, shardings=None):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def load_params(path: str, step: int | None = None, target: Any = None, log=print) -> tuple[ModelConfig, Any, int]:
-    """Restores parameters (as a pure dict). `target`: a tree of ShapeDtypeStructs with
-    shardings to restore onto (any mesh; each host reads only its shards); None restores
-    onto the default device. Without a `step`, a newest step that does not read back is
-    reported and the one before it is used."""
-    directory, newest = resolve(path, step)
-    candidates = [newest] if step is not None else list(reversed(valid_steps(directory)))
+def candidate_steps(path: str, step: int | None = None) -> tuple[str, list[int]]:
+    """(manager directory, the steps to try in order) for `path`: only the named step when
+    `step` is given or `path` is a step directory, else every step, newest first (so that
+    a newest step that does not read back falls back to the one before it)."""
+    directory, chosen = resolve(path, step)
+    if step is not None or _is_step_dir(path):
+        return directory, [chosen]
+    return directory, list(reversed(valid_steps(directory)))
+
+
+def first_readable(path: str, step: int | None, load: Callable[[str, int], Any], log=print,
+                   instead: str = "using") -> tuple[Any, int]:
+    """(load(directory, step), step) for the first of `candidate_steps` that reads back;
+    each one that does not is reported through `log`."""
+    directory, candidates = candidate_steps(path, step)
     for n, candidate in enumerate(candidates):
         try:
-            return (*_load_step_params(directory, candidate, target), candidate)
+            return load(directory, candidate), candidate
         except DamagedCheckpoint as e:
             if n + 1 == len(candidates):
                 raise
-            log(f"warning: {e}; using step {candidates[n + 1]} instead")
+            log(f"warning: {e}; {instead} step {candidates[n + 1]} instead")
     raise AssertionError("unreachable")
+
+
+def load_params(path: str, step: int | None = None, target: Any = None, log=print) -> tuple[ModelConfig, Any, int]:
+    """Restores parameters (as a pure dict). `target`: a tree of ShapeDtypeStructs with
+    shardings to restore onto (any mesh; each host reads only its shards; it must name
+    every stored parameter); None restores onto the default device. Without a step (an
+    argument or a step directory), an unreadable newest step is reported and the one
+    before it used."""
+    (model_cfg, params), step = first_readable(path, step, lambda d, s: _load_step_params(d, s, target), log)
+    return model_cfg, params, step
 
 
 def _load_step_params(directory: str, step: int, target: Any) -> tuple[ModelConfig, Any]:
@@ -160,9 +181,14 @@ class ParamReader:
         self._mngr.close()
 
     def check_shapes(self, want: dict | Any, what: str) -> None:
-        """Every leaf of `want` ({dotted path: shape} or a tree of shapes) is stored with that shape."""
+        """The stored parameters are exactly those of `want` ({dotted path: shape} or a tree
+        of shapes), with those shapes."""
         if not isinstance(want, dict) or any(isinstance(v, dict) for v in want.values()):
             want = {dotted(p): s for p, s in jax.tree_util.tree_leaves_with_path(want, is_leaf=_is_shape)}
+        extra = sorted(set(self.specs) - set(want))
+        if extra:
+            raise ConfigError(f"checkpoint step {self.step} in {self.directory} has parameter {extra[0]}, which "
+                              f"{what} lacks: set the model section (preset, sizes) to the checkpoint's architecture")
         for path, shape in want.items():
             if path not in self.specs:
                 raise ConfigError(f"parameter {path} of {what} is missing from checkpoint step {self.step} in "
@@ -281,58 +307,77 @@ DAMAGED = "damaged"  # checkpoints/damaged/<step>-<time>: set-aside steps (orbax
 def restore_train_state(mngr: ocp.CheckpointManager, abstract_state: dict, log=print,
                         check_meta: Callable[[dict], None] | None = None) -> tuple[dict, dict] | None:
     """Restores the newest checkpoint that reads back whole onto `abstract_state`'s
-    shardings (any mesh). `check_meta(meta)` sees each candidate's meta before any of
-    its arrays is read and may raise to refuse the resume (nothing has been changed
-    then). Newer steps that do not read back are reported and moved to
-    checkpoints/damaged/: a step orbax still lists is never saved again (and blocks
-    the saves before it), so a damaged one left in place would be resumed past forever.
-    Returns (state, meta) or None when there is nothing to resume."""
+    shardings (any mesh), on every process alike. `check_meta(meta)` sees each candidate's
+    meta before any of its arrays is read and may raise to refuse the resume (nothing has
+    been changed then). Returns (state, meta), or None when there is nothing to resume.
+
+    Newer steps that do not read back are reported and moved to checkpoints/damaged/: a
+    step orbax still lists is never saved again (and blocks the saves before it), so a
+    damaged one left in place would be resumed past forever. They are moved only once an
+    older step has restored: when none does, or the device runs out of memory, it is an
+    error and nothing is moved (the storage, not the checkpoints, may be at fault)."""
+    from sc_jax.multihost import gather_json
+
     damaged, found = [], None
     for step in sorted(set(mngr.all_steps()) | set(valid_steps(str(mngr.directory))), reverse=True):
-        try:
-            meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as e:  # orbax/tensorstore raise many types for damaged files
-            damaged.append((step, e))
+        restored, error = _restore_step(mngr, step, abstract_state, check_meta)
+        errors = gather_json(None if error is None else f"{type(error).__name__}: {_first_line(error)}")
+        if any(errors):  # a step is used only if every process read it
+            damaged.append((step, next(e for e in errors if e)))
             continue
-        if check_meta:
-            check_meta(meta)
-        try:
-            restored = mngr.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_state["params"]),
-                opt_state=ocp.args.StandardRestore(abstract_state["opt_state"])))
-        except Exception as e:
-            damaged.append((step, e))
-            continue
-        state = {"step": jax.device_put(np.asarray(meta["step"], np.int32), abstract_state["step"].sharding),
-                 "params": restored["params"], "opt_state": restored["opt_state"]}
-        found = (state, meta)
+        found = restored
         break
+    if damaged and found is None:
+        raise DamagedCheckpoint(f"no checkpoint in {mngr.directory} reads back (step {damaged[0][0]}: "
+                                f"{damaged[0][1]}): check the storage; to start over, rerun with --restart")
     if damaged:
-        _set_aside(mngr, damaged, found[1]["step"] if found else None, log)
+        _set_aside(mngr, damaged, found[1]["step"], log)
     return found
 
 
-def _set_aside(mngr: ocp.CheckpointManager, damaged: list[tuple[int, Exception]], resumed: int | None, log) -> None:
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0][:200]
+
+
+def _is_resource_error(e: BaseException) -> bool:
+    """Out of host or device memory: a fact about this machine, not the checkpoint."""
+    return isinstance(e, MemoryError) or any(s in str(e) for s in ("RESOURCE_EXHAUSTED", "Out of memory"))
+
+
+def _restore_step(mngr, step: int, abstract_state: dict, check_meta) -> tuple[tuple[dict, dict] | None, Exception | None]:
+    """((state, meta), None) for a step that reads back, else (None, the error)."""
+    try:
+        meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        return None, e
+    if check_meta:
+        check_meta(meta)
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(abstract_state["params"]),
+            opt_state=ocp.args.StandardRestore(abstract_state["opt_state"])))
+    except Exception as e:
+        if _is_resource_error(e):
+            raise
+        return None, e
+    state = {"step": jax.device_put(np.asarray(meta["step"], np.int32), abstract_state["step"].sharding),
+             "params": restored["params"], "opt_state": restored["opt_state"]}
+    return (state, meta), None
+
+
+def _set_aside(mngr: ocp.CheckpointManager, damaged: list[tuple[int, str]], resumed: int, log) -> None:
     """Moves damaged step directories to checkpoints/damaged/ (process 0, then a barrier) and
     makes the manager forget them, so those steps are saved again."""
+    from sc_jax.multihost import gather_json, sync
+
     directory = str(mngr.directory)
-    then = f"falling back to step {resumed}" if resumed is not None else "no checkpoint is left: starting from scratch"
-    for step, e in damaged:
-        where = _unused(os.path.join(directory, DAMAGED, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    stamp = gather_json(time.strftime("%Y%m%d-%H%M%S"))[0]  # one name on every process
+    for step, error in damaged:
+        where = unused_path(os.path.join(directory, DAMAGED, f"{step}-{stamp}"))
         if jax.process_index() == 0 and os.path.exists(os.path.join(directory, str(step))):
             os.makedirs(os.path.dirname(where), exist_ok=True)
             os.rename(os.path.join(directory, str(step)), where)
-        log(f"warning: checkpoint step {step} in {directory} could not be restored "
-            f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}); moved it to {where}; {then}")
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("sc_jax:damaged_checkpoints")
+        log(f"warning: checkpoint step {step} in {directory} could not be restored ({error}); "
+            f"moved it to {where}; falling back to step {resumed}")
+    sync("sc_jax:damaged_checkpoints")
     mngr.reload()
-
-
-def _unused(path: str) -> str:
-    candidate, n = path, 1
-    while os.path.exists(candidate):
-        candidate, n = f"{path}.{n}", n + 1
-    return candidate

@@ -15,7 +15,14 @@ import types
 import typing
 from typing import Any
 
+import ml_dtypes
+import numpy as np
 import yaml
+
+
+# The dtype names a config may hold. ml_dtypes' bfloat16 is numpy's and jax's alike, so one
+# table serves the model, conversion and generation.
+DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
 
 class ConfigError(ValueError):

@@ -65,3 +65,11 @@ def atomic_directory(out_dir: str):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def unused_path(path: str) -> str:
+    """`path`, or `path-1`, `path-2`, ... : the first that does not exist (to move something aside)."""
+    candidate, n = path, 1
+    while os.path.exists(candidate):
+        candidate, n = f"{path}-{n}", n + 1
+    return candidate

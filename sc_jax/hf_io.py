@@ -1,11 +1,12 @@
 """Reading and writing Hugging Face model directories: config.json plus single or
 sharded safetensors.
 
-Our own small safetensors codec, so that bf16 round-trips through numpy (ml_dtypes) and
-a checkpoint of any size streams: a tensor is read with one positioned read into its own
-buffer (never through a mapping of the whole file, whose touched pages would count
-against the process until it exits), and a shard is written tensor by tensor from a
-header planned up front, so neither direction holds more than one tensor."""
+Our own small safetensors codec rather than the pinned `safetensors` package: its numpy
+API cannot read bf16 ("data type 'bfloat16' not understood") and its writer takes every
+tensor at once, where ours streams. A tensor is read with one positioned read into its own
+buffer (never through a mapping of the whole file, whose touched pages would count against
+the process until it exits), and a shard is written tensor by tensor from a header planned
+up front, so neither direction holds more than one tensor."""
 
 from __future__ import annotations
 
@@ -48,22 +49,21 @@ class SafetensorsFile:
     def __init__(self, path: str):
         self.path = path
         with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             try:
                 (n,) = struct.unpack("<Q", f.read(8))
+                if n > size:
+                    raise ValueError("header longer than the file")
                 header = json.loads(f.read(n))
-            except (struct.error, ValueError, UnicodeDecodeError, MemoryError, OverflowError):
+            except (struct.error, ValueError, UnicodeDecodeError):
                 raise ConfigError(f"{path} is not a valid safetensors file (bad header)") from None
-            size = os.fstat(f.fileno()).st_size
         if not isinstance(header, dict):
             raise ConfigError(f"{path} is not a valid safetensors file (bad header)")
         self._base = 8 + n
         header.pop("__metadata__", None)
         self.header = header
         for name, info in header.items():
-            if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
-                raise ConfigError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
-            if self._base + info["data_offsets"][1] > size:
-                raise ConfigError(f"{path} is truncated (tensor {name} runs past the end of the file)")
+            _check_entry(path, name, info, size - self._base)
 
     def keys(self):
         return self.header.keys()
@@ -83,6 +83,24 @@ class SafetensorsFile:
         return out
 
     __getitem__ = read
+
+
+def _is_int_list(x, length: int | None = None) -> bool:
+    return (isinstance(x, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in x)
+            and (length is None or len(x) == length))
+
+
+def _check_entry(path: str, name: str, info, data_bytes: int) -> None:
+    """One header entry is well formed, and its bytes lie inside the file."""
+    if not isinstance(info, dict) or not _is_int_list(info.get("shape")) or not _is_int_list(info.get("data_offsets"), 2):
+        raise ConfigError(f"{path} is not a valid safetensors file (bad header entry for tensor {name})")
+    if info.get("dtype") not in _DTYPES:
+        raise ConfigError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
+    start, end = info["data_offsets"]
+    if end - start != TensorSpec(name, tuple(info["shape"]), np.dtype(_DTYPES[info["dtype"]])).nbytes:
+        raise ConfigError(f"{path} is not a valid safetensors file (tensor {name}'s shape and offsets disagree)")
+    if end > data_bytes:
+        raise ConfigError(f"{path} is truncated (tensor {name} runs past the end of the file)")
 
 
 def _header_bytes(specs: list[TensorSpec], metadata: dict | None) -> bytes:
@@ -175,6 +193,8 @@ class HFCheckpoint:
                     weight_map = json.load(f)["weight_map"]
             except (ValueError, KeyError, TypeError):
                 raise ConfigError(f"{index} is not a valid safetensors index (no weight_map)") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConfigError(f"{index} is not a valid safetensors index (weight_map must map names to files)")
             return {name: os.path.join(directory, file) for name, file in weight_map.items()}
         if os.path.exists(single):
             return {name: single for name in SafetensorsFile(single).keys()}

@@ -6,6 +6,8 @@ reshapes. Every parameter carries `logical_axes` metadata that `sharding.py` map
 onto mesh axes. The layers' parameters are stored stacked with a leading `layers`
 axis and run with `jax.lax.scan` (one compiled layer for all of them); with
 `scan_layers=False` the same stacked parameters are run in a Python loop.
+`DecodeModel` holds the same layers laid out for generation, with `prefill` and
+`decode_step` over a heads-major KV cache.
 
 Shapes: B batch, T query length, S key length, E hidden, H heads, K kv heads,
 D head_dim, M intermediate, V vocab, L layers.
@@ -13,16 +15,17 @@ D head_dim, M intermediate, V vocab, L layers.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from sc_jax.config import ModelConfig
+from sc_jax.config import DTYPES, ModelConfig
 from sc_jax.sharding import constrain
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NEG_INF = -1e30  # finite, so a fully masked (padding) row stays finite instead of NaN
 ATTENTION_CHUNK = 1024  # queries per block in chunked_attention
 
@@ -84,32 +87,55 @@ class Attention(nnx.Module):
             self.q_layernorm = LayerNorm((H, D), ("heads", "head_dim"), cfg.layer_norm_eps, pd, rngs, stack, False)
             self.k_layernorm = LayerNorm((K, D), ("kv_heads", "head_dim"), cfg.layer_norm_eps, pd, rngs, stack, False)
 
-    def __call__(self, x, positions, mask, kv_cache=None, cache_index=None, segment_ids=None):
-        """x [B,T,E] -> ([B,T,E], (k, v) [B,S,K,D] as cached)."""
-        cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
+    def __call__(self, x, positions, mask, segment_ids=None):
+        """x [B,T,E] -> ([B,T,E], this chunk's (k, v) [B,T,K,D], which the prefill caches)."""
+        dt = DTYPES[self.cfg.dtype]
         x = x.astype(dt)
         q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
         k = jnp.einsum("bte,ekd->btkd", x, self.k_proj[...].astype(dt))
         v = jnp.einsum("bte,ekd->btkd", x, self.v_proj[...].astype(dt))
+        q, k, v = self._bias_norm_rotate(q, k, v, positions)
+        q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
+        if use_cudnn(self.cfg):
+            out = cudnn_attention(q, k, v, segment_ids, self.cfg.max_segments)
+        elif use_chunked(self.cfg):
+            out = chunked_attention(q, k, v, mask)
+        else:
+            out = reference_attention(q, k, v, mask)
+        out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt))
+        return out, (k, v)
+
+    def step(self, x, positions, k_cache, v_cache, valid, index):
+        """One token per row against the heads-major cache: writes its key/value at slot
+        `index` (in place) and attends over the valid slots.
+
+        x [B,1,E], positions [B], k/v_cache [B*K,S,D], valid [B*K,S] bool
+        -> ([B,1,E], k_cache, v_cache)."""
+        cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
+        B, E = x.shape[0], x.shape[-1]
+        H, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        x = x[:, 0].astype(dt)
+        # [E,H,D] weights as [E,H*D] matrices: reshapes of contiguous arrays, no copies.
+        q = (x @ self.q_proj[...].astype(dt).reshape(E, H * D)).reshape(B, 1, H, D)
+        k = (x @ self.k_proj[...].astype(dt).reshape(E, K * D)).reshape(B, 1, K, D)
+        v = (x @ self.v_proj[...].astype(dt).reshape(E, K * D)).reshape(B, 1, K, D)
+        q, k, v = self._bias_norm_rotate(q, k, v, positions[:, None])
+        k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype).reshape(B * K, 1, D), (0, index, 0))
+        v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype).reshape(B * K, 1, D), (0, index, 0))
+        out = cached_attention(q[:, 0], k_cache, v_cache, valid).astype(dt).reshape(B, H * D)
+        return (out @ self.o_proj[...].astype(dt).reshape(H * D, E))[:, None], k_cache, v_cache
+
+    def _bias_norm_rotate(self, q, k, v, positions):
+        """The projections' biases, the per-head qk LayerNorms and rotary: q [B,T,H,D],
+        k/v [B,T,K,D], positions [B,T]."""
+        cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
         if cfg.use_qkv_bias:
             q, k, v = q + self.q_bias[...].astype(dt), k + self.k_bias[...].astype(dt), v + self.v_bias[...].astype(dt)
         if cfg.qk_layernorm:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q = apply_rotary(q, positions, cfg.rotary_dim, cfg.rope_theta)
         k = apply_rotary(k, positions, cfg.rotary_dim, cfg.rope_theta)
-        q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
-        if kv_cache is not None:  # write this chunk's keys at cache_index, attend over the buffer
-            k = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), (0, cache_index, 0, 0))
-            out = reference_attention(q, k.astype(dt), v.astype(dt), mask)
-        elif use_cudnn(cfg):
-            out = cudnn_attention(q, k, v, segment_ids, cfg.max_segments)
-        elif use_chunked(cfg):
-            out = chunked_attention(q, k, v, mask)
-        else:
-            out = reference_attention(q, k, v, mask)
-        out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt))
-        return out, (k, v)
+        return q, k, v
 
 
 class MLP(nnx.Module):
@@ -142,15 +168,25 @@ class DecoderLayer(nnx.Module):
         if not self.parallel:
             self.post_attention_layernorm = LayerNorm((E,), ("norm",), cfg.layer_norm_eps, pd, rngs, stack)
 
-    def __call__(self, x, positions, mask, kv_cache=None, cache_index=None, segment_ids=None):
+    def __call__(self, x, positions, mask, segment_ids=None):
+        """x [B,T,E] -> ([B,T,E], (k, v) [B,T,K,D])."""
         h = self.input_layernorm(x)
-        attn, kv = self.self_attn(h, positions, mask, kv_cache, cache_index, segment_ids)
+        attn, kv = self.self_attn(h, positions, mask, segment_ids)
+        return constrain(self._residual(x, h, attn), ("act_batch", "act_seq", "act_embed")), kv
+
+    def step(self, x, positions, k_cache, v_cache, valid, index):
+        """One token per row against the heads-major cache (see `Attention.step`):
+        x [B,1,E] -> ([B,1,E], k_cache, v_cache)."""
+        h = self.input_layernorm(x)
+        attn, k_cache, v_cache = self.self_attn.step(h, positions, k_cache, v_cache, valid, index)
+        return self._residual(x, h, attn), k_cache, v_cache
+
+    def _residual(self, x, h, attn):
+        """The layer's output from its input x, normed input h and attention output."""
         if self.parallel:  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln1(x))
-            out = x + attn + self.mlp(h)
-        else:
-            x = x + attn
-            out = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(out, ("act_batch", "act_seq", "act_embed")), kv
+            return x + attn + self.mlp(h)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Embed(nnx.Module):
@@ -180,39 +216,21 @@ class StableLmForCausalLM(nnx.Module):
             self.lm_head = _param(rngs, _normal(cfg.initializer_range), (cfg.hidden_size, cfg.vocab_size),
                                   ("embed", "vocab"), DTYPES[cfg.param_dtype], None)
 
-    def __call__(self, input_ids, positions=None, segment_ids=None, cache: dict | None = None,
-                 return_hidden: bool = False):
-        """Runs the decoder.
+    def __call__(self, input_ids, positions=None, segment_ids=None):
+        """Runs the decoder over whole sequences (training, scoring); `DecodeModel` generates.
 
-        input_ids [B,T] int; positions [B,T] (default arange, offset by the cache index);
-        segment_ids [B,T] (packed documents: attend within a segment only; 0 = padding).
-        With `cache` (see `init_cache`) the new keys/values are written at `cache["index"]`
-        and `(logits, new_cache)` is returned.
+        input_ids [B,T] int; positions [B,T] (default arange); segment_ids [B,T] (packed
+        documents: attend within a segment only; 0 = padding).
         """
         cfg = self.config
         B, T = input_ids.shape
-        start = cache["index"] if cache is not None else 0
         if positions is None:
-            positions = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
-        q_seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-        q_slot = start + jnp.arange(T, dtype=jnp.int32)
-        if cache is not None:
-            kv_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], q_seg, (0, start))
-            kv_slot = jnp.arange(kv_seg.shape[1], dtype=jnp.int32)
-        else:
-            kv_seg, kv_slot = q_seg, q_slot
-        mask = AttentionMask(q_seg, kv_seg, q_slot, kv_slot)
-
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        segs = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
         x = self.model.embed_tokens(input_ids).astype(DTYPES[cfg.dtype])
         x = constrain(x, ("act_batch", "act_seq", "act_embed"))
-        x, new_kv = self._run_layers(x, positions, mask, cache, start, segment_ids)
-        x = self.model.norm(x)
-        if return_hidden:
-            return x
-        logits = self.logits(x)
-        if cache is None:
-            return logits
-        return logits, {"k": new_kv[0], "v": new_kv[1], "segment_ids": kv_seg, "index": start + T}
+        x = self._run_layers(x, positions, AttentionMask.causal(segs), segment_ids)
+        return self.logits(self.model.norm(x))
 
     def logits(self, x):
         """[B,T,E] hidden -> [B,T,V] fp32 logits (fp32 accumulation of the head matmul)."""
@@ -221,29 +239,21 @@ class StableLmForCausalLM(nnx.Module):
         logits = jnp.einsum("bte,ev->btv", x.astype(dt), head.astype(dt), preferred_element_type=jnp.float32)
         return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
 
-    def _run_layers(self, x, positions, mask, cache, start, segment_ids):
+    def _run_layers(self, x, positions, mask, segment_ids):
+        """x [B,T,E] through every layer: one compiled layer under `scan`, or a Python loop."""
         cfg = self.config
         graphdef, params = nnx.split(self.model.layers)
 
-        def layer(x, layer_params, kv_cache):
-            out, kv = nnx.merge(graphdef, layer_params)(x, positions, mask, kv_cache, start, segment_ids)
-            return out, (kv if kv_cache is not None else None)
+        def layer(x, layer_params):
+            return nnx.merge(graphdef, layer_params)(x, positions, mask, segment_ids)[0], None
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
-        caches = (cache["k"], cache["v"]) if cache is not None else None
-
-        def body(x, xs):
-            layer_params, kv_cache = xs
-            return layer(x, layer_params, kv_cache)
-
         if cfg.scan_layers:
-            return jax.lax.scan(body, x, (params, caches))
-        outs = []
+            return jax.lax.scan(layer, x, params)[0]
         for i in range(cfg.num_hidden_layers):
-            x, kv = body(x, jax.tree.map(lambda a: a[i], (params, caches)))
-            outs.append(kv)
-        return x, (jax.tree.map(lambda *a: jnp.stack(a), *outs) if cache is not None else None)
+            x, _ = layer(x, jax.tree.map(lambda a: a[i], params))
+        return x
 
 
 # ----------------------------------------------------------------------------- attention
@@ -276,6 +286,12 @@ class AttentionMask(NamedTuple):
     q_slot: jax.Array  # [T]
     kv_slot: jax.Array  # [S]
 
+    @classmethod
+    def causal(cls, segment_ids) -> "AttentionMask":
+        """Whole sequences attending to themselves: segment_ids [B,T] int32 (0 = padding)."""
+        slot = jnp.arange(segment_ids.shape[1], dtype=jnp.int32)
+        return cls(segment_ids, segment_ids, slot, slot)
+
     def dense(self):  # [B,T,S] bool
         return ((self.kv_slot[None, None, :] <= self.q_slot[None, :, None])
                 & (self.q_seg[:, :, None] == self.kv_seg[:, None, :]) & (self.kv_seg[:, None, :] != 0))
@@ -290,6 +306,20 @@ def reference_attention(q, k, v, mask: AttentionMask):
     logits = jnp.where(mask.dense()[:, None, None], logits, NEG_INF)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(B, T, H, D)
+
+
+def cached_attention(q, k_cache, v_cache, valid):
+    """One new token per row over the valid slots of the heads-major cache (its own
+    included). q [B,H,D]; k/v_cache [B*K,S,D]; valid [B*K,S] bool -> [B,H,D] fp32.
+    Softmax in fp32, GQA by grouping: each cache row serves H/K query heads."""
+    B, H, D = q.shape
+    K = k_cache.shape[0] // B
+    q = q.reshape(B * K, H // K, D)
+    scores = jnp.einsum("ngd,nsd->ngs", q, k_cache.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.where(valid[:, None, :], scores * (1.0 / np.sqrt(D)), NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("ngs,nsd->ngd", probs, v_cache, preferred_element_type=jnp.float32)
+    return out.reshape(B, H, D)
 
 
 def chunked_attention(q, k, v, mask: AttentionMask, chunk: int = ATTENTION_CHUNK):
@@ -354,15 +384,114 @@ def segment_offsets(segment_ids, max_segments: int):
     return jnp.where(lengths > 0, lengths, -1), jnp.pad(starts, ((0, 0), (0, 1)), constant_values=-1)
 
 
+# ----------------------------------------------------------------------------- decoding
+
+
+class DecodeModel(nnx.Module):
+    """StableLmForCausalLM laid out for generation with a KV cache: `prefill` runs
+    left-padded prompts and fills the cache, `decode_step` runs one token per row against
+    it. The math is the layers' own (`DecoderLayer.__call__` for prompts,
+    `DecoderLayer.step` for one token); the layout differs because decoding is
+    memory-bound and XLA copies what it slices:
+      * each layer is its own module with its own arrays, run unrolled (a stacked [L,...]
+        array under `scan` gets each layer's slice copied on every step: that alone halved
+        the decode speed on CPU);
+      * the cache is one heads-major array per layer, k/v [B*K,S,D], so the score and value
+        matmuls read contiguous [S,D] blocks (a [L,B,S,K,D] cache makes XLA transpose every
+        layer's cache on every step: ~10x slower attention on CPU), and a step writes only
+        its new slot, in place. Batch and kv-heads share one axis because with a batch axis
+        of 1, XLA fused each layer's cache update twice (once per shape it is read in) and
+        copied every cache on every step: a third of the step of the quick start's model
+        at batch 1 on CPU;
+      * the LM head is stored [V,E] (2x faster than [E,V] for a few rows on CPU) and the
+        prefill computes logits for the last position only (not [B,P,V]).
+    Build one with `decode_state` (from StableLmForCausalLM's parameters) and
+    `abstract_decode_model`; tests/test_model.py checks it against the full forward pass.
+
+    The cache: {"k", "v": per layer [B*K,S,D]; "valid": [B,S] bool, the slots a token may
+    attend to; "index": int32, the next slot to write}.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        # Prompts are left-padded, which cuDNN's kernel does not handle (it assumes right
+        # padding); the chunked path is the reference math 1024 queries at a time, so a
+        # long prompt never holds a [B,H,P,P] score array.
+        cfg = dataclasses.replace(cfg, attention="chunked").validate()
+        pd = DTYPES[cfg.param_dtype]
+        self.config = cfg
+        self.embed_tokens = Embed(cfg, rngs)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_hidden_layers)])
+        self.norm = LayerNorm((cfg.hidden_size,), ("norm",), cfg.layer_norm_eps, pd, rngs)
+        if not cfg.tie_word_embeddings:  # [V,E]: lm_head transposed
+            self.lm_head_t = _param(rngs, _normal(cfg.initializer_range), (cfg.vocab_size, cfg.hidden_size),
+                                    ("vocab", "embed"), pd, None)
+
+    def prefill(self, input_ids, positions, segment_ids, cache_len: int):
+        """Left-padded prompts (every row's last token in the last column): input_ids,
+        positions, segment_ids [B,P] int32 (segment 0: padding, never attended to)
+        -> (last-position logits [B,V] fp32, cache with cache_len slots, the first P filled)."""
+        B, P = input_ids.shape
+        x = self.embed_tokens(input_ids).astype(DTYPES[self.config.dtype])
+        mask = AttentionMask.causal(segment_ids)
+        pad = ((0, 0), (0, cache_len - P), (0, 0))
+        ks, vs = [], []
+        for layer in self.layers:
+            x, (k, v) = layer(x, positions, mask, segment_ids)
+            ks.append(jnp.pad(heads_major(k), pad))  # [B,P,K,D] -> [B*K,cache_len,D]
+            vs.append(jnp.pad(heads_major(v), pad))
+        cache = {"k": ks, "v": vs, "valid": jnp.pad(segment_ids != 0, ((0, 0), (0, cache_len - P))),
+                 "index": jnp.asarray(P, jnp.int32)}
+        return self.logits(self.norm(x[:, -1:]))[:, 0], cache
+
+    def decode_step(self, tokens, positions, cache: dict):
+        """tokens, positions [B] int32 -> (logits [B,V] fp32, the cache with the tokens
+        written at cache["index"])."""
+        x = self.embed_tokens(tokens[:, None]).astype(DTYPES[self.config.dtype])
+        index = cache["index"]
+        valid = jax.lax.dynamic_update_slice(cache["valid"], jnp.ones((tokens.shape[0], 1), bool), (0, index))
+        valid_heads = jnp.repeat(valid, self.config.num_key_value_heads, axis=0)  # [B*K,S], the cache's rows
+        ks, vs = [], []
+        for layer, k_cache, v_cache in zip(self.layers, cache["k"], cache["v"]):
+            x, k_cache, v_cache = layer.step(x, positions, k_cache, v_cache, valid_heads, index)
+            ks.append(k_cache)
+            vs.append(v_cache)
+        cache = {"k": ks, "v": vs, "valid": valid, "index": index + 1}
+        return self.logits(self.norm(x))[:, 0], cache
+
+    def logits(self, x):
+        """[B,T,E] final hidden -> [B,T,V] fp32 logits."""
+        dt = DTYPES[self.config.dtype]
+        head = self.embed_tokens.embedding[...] if self.config.tie_word_embeddings else self.lm_head_t[...]
+        return jnp.einsum("bte,ve->btv", x.astype(dt), head.astype(dt), preferred_element_type=jnp.float32)
+
+
+def heads_major(x):
+    """[B,T,K,D] keys or values -> [B*K,T,D], the decode cache's layout."""
+    B, T, K, D = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(B * K, T, D)
+
+
+def abstract_decode_model(cfg: ModelConfig) -> DecodeModel:
+    """The DecodeModel with ShapeDtypeStructs instead of arrays (its graph definition)."""
+    return nnx.eval_shape(lambda: DecodeModel(cfg, rngs=nnx.Rngs(0)))
+
+
+def decode_state(cfg: ModelConfig, params: dict) -> nnx.State:
+    """StableLmForCausalLM's pure parameter dict (stacked layers; numpy or jax arrays) ->
+    the DecodeModel's state on the default device, in cfg.param_dtype."""
+    dtype = jnp.dtype(DTYPES[cfg.param_dtype])
+    put = lambda a: jnp.asarray(a if isinstance(a, jax.Array) else np.asarray(a), dtype=dtype)  # noqa: E731
+    layers = params["model"]["layers"]
+    pure = {"embed_tokens": params["model"]["embed_tokens"], "norm": params["model"]["norm"],
+            "layers": {i: jax.tree.map(lambda a: a[i], layers) for i in range(cfg.num_hidden_layers)}}
+    if not cfg.tie_word_embeddings:
+        pure["lm_head_t"] = np.asarray(params["lm_head"]).T
+    state = nnx.state(abstract_decode_model(cfg))
+    state.replace_by_pure_dict(jax.tree.map(put, pure))
+    return state
+
+
 # ----------------------------------------------------------------------------- helpers
-
-
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
-    """An empty KV cache: k/v [L,B,S,K,D], key segment ids [B,S] (0 = empty slot), write index."""
-    dtype = dtype or DTYPES[cfg.dtype]
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "segment_ids": jnp.zeros((batch, max_len), jnp.int32), "index": jnp.asarray(0, jnp.int32)}
 
 
 def create_model(cfg: ModelConfig, seed: int = 0) -> StableLmForCausalLM:

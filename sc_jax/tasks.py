@@ -9,7 +9,7 @@ The train loop only sees `make_iterator`, `loss_fn` and `eval_fn`.
 
 from __future__ import annotations
 
-from sc_jax.step import loss_sums
+from sc_jax.train.step import loss_sums
 
 
 def make_iterator(cfg, *, seq_len: int, batch_size: int, process_index: int, process_count: int, tokenizer,
@@ -19,7 +19,7 @@ def make_iterator(cfg, *, seq_len: int, batch_size: int, process_index: int, pro
         from sc_jax.data import make_eval_iterator, make_train_iterator
 
         common = dict(seq_len=seq_len, batch_size=batch_size, seed=cfg.train.seed, process_index=process_index,
-                      process_count=process_count)
+                      process_count=process_count, tokenizer=tokenizer)
         if eval_:  # every host yields exactly eval_batches batches, so the collectives line up
             return make_eval_iterator(cfg.data, max_batches=cfg.train.eval_batches, **common)
         return make_train_iterator(cfg.data, **common)

@@ -141,7 +141,7 @@ def test_python_m_sc_jax_lists_every_command():
     assert ran.returncode == 0 and "--device-memory" in ran.stdout  # `python -m sc_jax NAME` runs the command
 
 
-@pytest.mark.parametrize("module", ["sc_jax.plan", "sc_jax.generate"])
+@pytest.mark.parametrize("module", ["sc_jax.plan.__main__", "sc_jax.generate.__main__"])
 def test_help_shows_every_option_and_default(module):
     import importlib
 

@@ -4,6 +4,7 @@ exit code 2, no traceback, nothing at --out (see tests/cli_harness.py)."""
 import json
 import os
 import shutil
+import struct
 
 import pytest
 from cli_harness import BadInput, run_bad_input
@@ -20,7 +21,7 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
 def models(tmp_path_factory):
     """Small real checkpoints saved by transformers: StableLM, Llama, GPT-NeoX, and an orbax
     conversion of the StableLM one."""
-    from sc_jax.convert import main as convert_main
+    from sc_jax.convert.__main__ import main as convert_main
 
     root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
@@ -66,6 +67,15 @@ def overwrite(text):
     def damage(path):
         with open(path, "w") as f:
             f.write(text)
+    return damage
+
+
+def crafted_header(entry):
+    """A model.safetensors whose one header entry is `entry` (hand-made or damaged headers)."""
+    def damage(path):
+        blob = json.dumps({"model.embed_tokens.weight": entry}).encode()
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob + bytes(64))
     return damage
 
 
@@ -136,6 +146,15 @@ def rows(models):
                  damaged_file(models, "model.safetensors", truncate), leaves=("out",)),
         BadInput("safetensors with a garbage header", "sc_jax.convert", H, ("not a valid safetensors",),
                  damaged_file(models, "model.safetensors", overwrite("garbage" * 10)), leaves=("out",)),
+        BadInput("safetensors header entry that is a list", "sc_jax.convert", H, ("bad header entry",),
+                 damaged_file(models, "model.safetensors", crafted_header([1, 2])), leaves=("out",)),
+        BadInput("safetensors header entry without offsets", "sc_jax.convert", H, ("bad header entry",),
+                 damaged_file(models, "model.safetensors", crafted_header({"dtype": "F32", "shape": [2]})),
+                 leaves=("out",)),
+        BadInput("safetensors shape and offsets disagree", "sc_jax.convert", H, ("shape and offsets disagree",),
+                 damaged_file(models, "model.safetensors",
+                              crafted_header({"dtype": "F32", "shape": [2], "data_offsets": [0, 4]})),
+                 leaves=("out",)),
         BadInput("only PyTorch .bin weights", "sc_jax.convert", H, (".bin", "safetensors"), only_bin, leaves=("out",)),
         BadInput("index names a shard that does not exist", "sc_jax.convert", H, ("does not exist",),
                  index_missing_shard(models), leaves=("out",)),

@@ -158,10 +158,10 @@ def _option_blocks(text: str) -> list[str]:
     return [" ".join(" ".join(b).split()) for b in blocks]
 
 
-@pytest.mark.parametrize("module, argv", [("sc_jax.tokenizer", ["train", "--help"]),
-                                          ("sc_jax.tokenizer", ["info", "--help"]),
+@pytest.mark.parametrize("module, argv", [("sc_jax.tokenizer.__main__", ["train", "--help"]),
+                                          ("sc_jax.tokenizer.__main__", ["info", "--help"]),
                                           ("sc_jax.data.inspect", ["--help"]),
-                                          ("sc_jax.data.tfds_builder", ["--help"])])
+                                          ("sc_jax.data.tfds_builder.__main__", ["--help"])])
 def test_help_shows_every_default_once_and_real_files(module, argv, capsys):
     import importlib
 

@@ -121,7 +121,7 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(data, straight, tmp_
 
 def test_export_from_run_directory_loads_in_transformers(straight, tmp_path):
     from sc_jax import model as M
-    from sc_jax.convert import main as convert_main
+    from sc_jax.convert.__main__ import main as convert_main
     from flax import nnx
     import jax.numpy as jnp
 
@@ -143,7 +143,7 @@ def test_export_from_run_directory_loads_in_transformers(straight, tmp_path):
 
 
 def test_init_from_hf_directory_and_orbax(straight, tmp_path, data):
-    from sc_jax.convert import main as convert_main
+    from sc_jax.convert.__main__ import main as convert_main
 
     hf_dir = tmp_path / "hf"
     assert convert_main(["orbax-to-hf", "--ckpt", str(straight), "--out", str(hf_dir), "--dtype", "float32"]) == 0

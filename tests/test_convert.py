@@ -14,7 +14,8 @@ import pytest
 
 from damage import damage_params
 from sc_jax import checkpoint
-from sc_jax.convert import hf_params_onto, leaves, load_hf, main as convert_main, save_hf
+from sc_jax.convert import hf_params_onto, leaves, load_hf, save_hf
+from sc_jax.convert.__main__ import main as convert_main
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -127,10 +128,28 @@ def test_init_from_hf_places_blocks_on_a_sharded_mesh(tmp_path):
     assert all(x.dtype == np.float32 for x in got) and any(len(x.sharding.device_set) == 8 for x in got)
 
 
-def _start(args, env=None):
-    return subprocess.Popen([sys.executable, "-m", "sc_jax.convert", *args], cwd=REPO, stdout=subprocess.PIPE,
+# Runs the convert command with its progress report patched to stop after N parameters
+# until killed: a conversion caught halfway, deterministically, with no hook in the library.
+PAUSING = """
+import sys, time
+from sc_jax.convert import streaming
+report, after = streaming._Progress.__call__, int(sys.argv[1])
+def pausing(self, leaf, dtype):
+    report(self, leaf, dtype)
+    if self.done == after:
+        print("paused", flush=True)
+        while True:
+            time.sleep(0.05)
+streaming._Progress.__call__ = pausing
+from sc_jax.convert.__main__ import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _start_pausing(args, after: int):
+    return subprocess.Popen([sys.executable, "-c", PAUSING, str(after), *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu", **(env or {})})
+                            env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
 
 
 def _wait_for_line(proc, text, timeout=120):
@@ -150,7 +169,7 @@ def test_a_conversion_killed_halfway_leaves_nothing_at_out(tmp_path):
     assert convert_main(["hf-to-orbax", "--hf", hf_dir, "--out", str(good)]) == 0
     for args in (["hf-to-orbax", "--hf", hf_dir], ["orbax-to-hf", "--ckpt", str(good)]):
         out = tmp_path / f"out-{args[0]}"
-        proc = _start([*args, "--out", str(out)], {"SC_JAX_CONVERT_PAUSE_AFTER": "5"})
+        proc = _start_pausing([*args, "--out", str(out)], after=5)
         _wait_for_line(proc, "paused")
         temporaries = [n for n in os.listdir(tmp_path) if n.startswith(f".tmp-{out.name}-")]
         assert len(temporaries) == 1 and os.listdir(tmp_path / temporaries[0])  # writing was under way
@@ -242,3 +261,58 @@ def test_help_shows_the_defaults():
     res = subprocess.run([sys.executable, "-m", "sc_jax.convert", "hf-to-orbax", "--help"], capture_output=True,
                          text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
     assert res.returncode == 0 and "(default: source)" in res.stdout
+
+
+def test_a_named_step_directory_is_the_step_loaded_and_exported(tmp_path):
+    hf_dir = make_hf(tmp_path / "hf")
+    cfg, params = load_hf(hf_dir)
+    ck = tmp_path / "ck"
+    checkpoint.save_params(str(ck), params, cfg, step=1)
+    checkpoint.save_params(str(ck), jax.tree.map(lambda a: a * 2, params), cfg, step=2)
+    _, got, step = checkpoint.load_params(str(ck / "1"))
+    assert step == 1
+    jax.tree.map(np.testing.assert_array_equal, checkpoint.to_numpy(got), params)
+    assert convert_main(["orbax-to-hf", "--ckpt", str(ck / "1"), "--out", str(tmp_path / "e"), "--dtype", "float32"]) == 0
+    jax.tree.map(np.testing.assert_array_equal, load_hf(str(tmp_path / "e"))[1], params)
+
+
+def test_loading_onto_a_model_without_a_stored_parameter_is_refused(tmp_path):
+    hf_dir = make_hf(tmp_path / "hf", **VARIANTS["qk_norm_qkv_bias_untied"])
+    cfg, params = load_hf(hf_dir)
+    checkpoint.save_params(str(tmp_path / "ck"), params, cfg)
+    target = {k: v for k, v in params.items() if k != "lm_head"}  # a tied model has no lm_head
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, np.float32, sharding=device), target)
+    with pytest.raises(checkpoint.ConfigError, match="has parameter lm_head, which the configured model lacks"):
+        checkpoint.load_params(str(tmp_path / "ck"), target=target)
+    with pytest.raises(checkpoint.ConfigError, match="has parameter lm_head, which the configured model lacks"):
+        hf_params_onto(hf_dir, target)
+
+
+def test_the_tokenizer_is_found_only_where_checkpoints_keep_it(tmp_path):
+    from sc_jax.loading import find_tokenizer
+
+    run = tmp_path / "runs" / "a"
+    (run / "checkpoints" / "4" / "model").mkdir(parents=True)
+    (tmp_path / "runs" / "tokenizer.json").write_text("{}")  # someone else's, one level up
+    assert find_tokenizer(str(run)) is None and find_tokenizer(str(run / "checkpoints" / "4")) is None
+    (run / "tokenizer.json").write_text("{}")
+    for path in (run, run / "checkpoints", run / "checkpoints" / "4"):
+        assert find_tokenizer(str(path)) == str(run / "tokenizer.json")
+    ck = tmp_path / "ck"
+    (ck / "0" / "model").mkdir(parents=True)
+    (ck / "tokenizer").mkdir()
+    (ck / "tokenizer" / "tokenizer.json").write_text("{}")
+    assert find_tokenizer(str(ck)) == find_tokenizer(str(ck / "0")) == str(ck / "tokenizer")
+
+
+def test_init_from_names_the_architecture_keys_that_differ():
+    import dataclasses
+
+    from sc_jax.config import model_preset
+    from sc_jax.train.state import model_differences
+
+    base = model_preset("tiny")
+    stage2 = dataclasses.replace(base, rope_theta=1e6, max_position_embeddings=512, remat="full", dtype="bfloat16")
+    assert model_differences(base, stage2) == ["rope_theta 10000.0 -> 1000000.0", "max_position_embeddings 256 -> 512"]
+    assert model_differences(base, dataclasses.replace(base, attention="chunked")) == []

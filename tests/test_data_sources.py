@@ -300,7 +300,8 @@ def test_tfds_builder_skips_names_that_are_not_utf8(latin1_corpus, tmp_path, tok
 
 def test_tfds_builder_rerun_keeps_refuses_or_overwrites(tmp_path, capsys):
     from sc_jax.data.sources import FileFilter, TfdsSource
-    from sc_jax.data.tfds_builder import BUILD_RECORD, main
+    from sc_jax.data.tfds_builder import BUILD_RECORD
+    from sc_jax.data.tfds_builder.__main__ import main
 
     one, two = tmp_path / "one", tmp_path / "two"
     _write(one / "r1/a.py", "def a():\n    return 1\n")

@@ -10,6 +10,7 @@ import pytest
 
 from sc_jax.eval import humaneval as he
 from sc_jax.eval.execution import SandboxConfig, UnknownLanguageError
+from sc_jax.generate import cut_at_stop
 
 PROBLEMS = he.load_humaneval()
 CFG = SandboxConfig(timeout=10.0)
@@ -27,13 +28,13 @@ def test_humaneval_is_read_offline_from_the_package():
     assert len(he.load_humaneval(limit=3)) == 3
 
 
-def test_truncate_at_stop():
+def test_cut_at_stop():
     stops = he.PYTHON_STOP_TOKENS
-    assert he.truncate_at_stop("    return 1\n\ndef g():\n    pass", stops) == "    return 1\n"
-    assert he.truncate_at_stop("    if x:\n        return 1\nif __name__", stops) == "    if x:\n        return 1"
-    assert he.truncate_at_stop("    return 1\nprint(f(2))\n# done", stops) == "    return 1"
-    assert he.truncate_at_stop("    return 1", stops) == "    return 1"
-    assert he.truncate_at_stop("abc", ["", "c"]) == "ab"
+    assert cut_at_stop("    return 1\n\ndef g():\n    pass", stops) == "    return 1\n"
+    assert cut_at_stop("    if x:\n        return 1\nif __name__", stops) == "    if x:\n        return 1"
+    assert cut_at_stop("    return 1\nprint(f(2))\n# done", stops) == "    return 1"
+    assert cut_at_stop("    return 1", stops) == "    return 1"
+    assert cut_at_stop("abc", ["", "c"]) == "ab"
 
 
 def test_all_canonical_solutions_pass_through_the_cli_path(tmp_path):

@@ -14,6 +14,7 @@ from sc_jax.eval import humaneval as he
 from sc_jax.eval import score
 from sc_jax.eval.__main__ import main
 from sc_jax.eval.execution import SandboxConfig
+from sc_jax.generate import cut_at_stop
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sc_jax", "eval", "examples")
 CFG = SandboxConfig(timeout=10.0)
@@ -82,7 +83,7 @@ def test_programs_are_built_as_the_other_harnesses_build_them():
     mpe = score.load_samples(_example("multipl-e", "py-canonical"))
     doc = score.read_json(_example("multipl-e", "py-canonical", "HumanEval_2_truncate_number.json"))
     task = next(t for t in mpe.tasks if t.name == doc["name"])
-    cut = he.truncate_at_stop(doc["completions"][1], doc["stop_tokens"])
+    cut = cut_at_stop(doc["completions"][1], doc["stop_tokens"])
     assert cut == doc["completions"][0] + "\n"  # the shipped second sample: the first + "\n\ndef unused..."
     assert task.program(cut) == doc["prompt"] + cut + "\n" + doc["tests"]
 

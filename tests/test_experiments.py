@@ -69,6 +69,34 @@ def test_launchers_are_valid_shell_running_train(script):
     assert "python -m sc_jax.train --config" in open(path).read()
 
 
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "slurm_gpu.sbatch"])
+def test_launchers_are_the_sweep_templates_rendered(script):
+    """experiments/launch/ and the sweep's job scripts come from one template each (no drift)."""
+    from sc_jax.sweep.templates import launch_script
+
+    path = os.path.join(ROOT, "experiments", "launch", script)
+    assert open(path).read() == launch_script(script), (
+        "experiments/launch/ differs from sc_jax/sweep/templates.py: edit the template, then run python -c "
+        "'from sc_jax.sweep.templates import write_launch_scripts; write_launch_scripts()'")
+    assert os.access(path, os.X_OK)
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "tpu"])
+def test_sweep_jobs_and_launchers_share_every_template_line(launcher, tmp_path):
+    from sc_jax.sweep import jobs, templates
+    from sc_jax.sweep.grid import Point
+
+    template, script = (templates.SLURM, "slurm_gpu.sbatch") if launcher == "slurm" else (templates.TPU, "tpu_pod.sh")
+    point = Point("lr-1", {"optimizer.peak_lr": "1"}, ["optimizer.peak_lr=1", "train.run_dir=out/lr-1"], "out/lr-1")
+    make_job = jobs.slurm_job if launcher == "slurm" else jobs.tpu_job
+    job = make_job(point, str(tmp_path), "cfg.yaml", None)
+    fixed = [line for line in template.splitlines() if "{{" not in line]
+    for text in (job, templates.launch_script(script)):
+        lines = text.splitlines()
+        assert [line for line in lines if line in fixed] == fixed  # all of them, in order
+    assert subprocess.run(["bash", "-n"], input=job, text=True).returncode == 0
+
+
 def quickstart_module():
     spec = importlib.util.spec_from_file_location("quickstart", os.path.join(ROOT, "experiments", "quickstart.py"))
     module = importlib.util.module_from_spec(spec)

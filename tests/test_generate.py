@@ -20,6 +20,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from sc_jax import generate as G  # noqa: E402
+from sc_jax.generate import generator as token_generator  # noqa: E402
+from sc_jax.generate.__main__ import main as generate_main  # noqa: E402
 from sc_jax import model as M  # noqa: E402
 from sc_jax.config import ConfigError  # noqa: E402
 from sc_jax.convert import hf_to_orbax, load_hf  # noqa: E402
@@ -149,7 +151,7 @@ def test_long_prompts_run_in_smaller_batches(gen, monkeypatch):
     assert gen.stats.batches == 1
     # A budget of one row's scores at 64 positions: the two rows bucketed to 64 go one at
     # a time, the three short ones (bucket 16) together. Same tokens.
-    monkeypatch.setattr(G, "PREFILL_SCORES_BYTES", gen.cfg.num_attention_heads * 64 * 64 * 4)
+    monkeypatch.setattr(token_generator, "PREFILL_SCORES_BYTES", gen.cfg.num_attention_heads * 64 * 64 * 4)
     assert gen.generate_ids(ps, max_new_tokens=5, stop_tokens=()) == want
     assert gen.stats.batches == 3
 
@@ -188,7 +190,7 @@ def test_text_prompts_are_cut_to_the_context(gen, monkeypatch):
     assert both[-1 - (room - room // 2):-1] == sids[:room - room // 2]  # the start of the suffix
     assert short[-1] == tok.token_id(G.FIM_MIDDLE) and short[-1 - len(tok.encode("pass\n")):-1] == tok.encode("pass\n")
     with pytest.raises(ConfigError, match="no room for a prompt"):
-        gen._prompt_room(3, special=n_ctx)
+        gen.prompt_room(3, special=n_ctx)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -326,10 +328,10 @@ def test_orbax_and_run_dir_checkpoints(tmp_path, gen, hf_dir, tokenizer_file):
 
 def test_cli(hf_dir, capsys, tmp_path):
     path = hf_dir[0]
-    assert G.main(["--ckpt", path, "--prompt", "def add(a, b):\n", "--max-new-tokens", "16"]) == 0
+    assert generate_main(["--ckpt", path, "--prompt", "def add(a, b):\n", "--max-new-tokens", "16"]) == 0
     out = capsys.readouterr().out
     assert out.rstrip("\n") == G.load_generator(path).complete(["def add(a, b):\n"], max_new_tokens=16)[0].rstrip("\n")
-    assert G.main(["--ckpt", path, "--prefix", "def f(", "--suffix", "):\n", "--max-new-tokens", "8",
+    assert generate_main(["--ckpt", path, "--prefix", "def f(", "--suffix", "):\n", "--max-new-tokens", "8",
                    "--temperature", "0.7", "--top-p", "0.9", "--top-k", "20", "--seed", "3"]) == 0
     capsys.readouterr()
     bare = tmp_path / "bare"
@@ -347,7 +349,7 @@ def test_cli(hf_dir, capsys, tmp_path):
                       (["--ckpt", path, "--prompt", ""], "--prompt is empty"),
                       (["--ckpt", path, "--prefix", "", "--suffix", ""], "both empty"),
                       (["--ckpt", path, "--prompt", "x", "--seed", str(2**32)], "--seed")]:
-        assert G.main(argv) == 2
+        assert generate_main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and msg in err and err.count("\n") == 1, err
     # The real command line: --help, and a bad path fails in one line without a traceback.
@@ -363,11 +365,11 @@ def test_cli(hf_dir, capsys, tmp_path):
 def test_cli_reads_stdin_and_refuses_an_empty_one(hf_dir, capsys, monkeypatch):
     path = hf_dir[0]
     monkeypatch.setattr(sys, "stdin", io.StringIO("def add(a, b):\n"))
-    assert G.main(["--ckpt", path, "--prompt", "-", "--max-new-tokens", "4"]) == 0
+    assert generate_main(["--ckpt", path, "--prompt", "-", "--max-new-tokens", "4"]) == 0
     want = G.load_generator(path).complete(["def add(a, b):\n"], max_new_tokens=4)[0]
     assert capsys.readouterr().out.rstrip("\n") == want.rstrip("\n")
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
-    assert G.main(["--ckpt", path, "--prompt", "-"]) == 2
+    assert generate_main(["--ckpt", path, "--prompt", "-"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --prompt - read an empty prompt from stdin") and err.count("\n") == 1
 
@@ -381,12 +383,12 @@ def test_cli_says_in_plain_lines_what_the_context_cuts(hf_dir, capsys):
     warning_lines = lambda err: [line for line in err.splitlines() if line.startswith("warning:")]  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # the library's cut warning on the CLI's path fails the test
-        assert G.main(["--ckpt", path, "--prompt", "def add(a, b):\n", "--max-new-tokens", "8"]) == 0
+        assert generate_main(["--ckpt", path, "--prompt", "def add(a, b):\n", "--max-new-tokens", "8"]) == 0
         assert warning_lines(capsys.readouterr().err) == []
 
         long_prompt = "".join(f"x{i} = {i * 7}\n" for i in range(3000))  # 37 KB
         assert len(long_prompt) > 36_000
-        assert G.main(["--ckpt", path, "--prompt", long_prompt, "--max-new-tokens", "16"]) == 0
+        assert generate_main(["--ckpt", path, "--prompt", long_prompt, "--max-new-tokens", "16"]) == 0
         out, err = capsys.readouterr()
         assert warning_lines(err) == [
             f"warning: the prompt has {len(tok.encode(long_prompt))} tokens, too many for the model's context of "
@@ -395,7 +397,7 @@ def test_cli_says_in_plain_lines_what_the_context_cuts(hf_dir, capsys):
 
         short = "def add(a, b):\n"
         room = n_ctx - len(tok.encode(short))
-        assert G.main(["--ckpt", path, "--prompt", short, "--max-new-tokens", "5000"]) == 0
+        assert generate_main(["--ckpt", path, "--prompt", short, "--max-new-tokens", "5000"]) == 0
         out_5000, err = capsys.readouterr()
         assert warning_lines(err) == [
             f"warning: --max-new-tokens 5000 does not fit: the model's context is {n_ctx} tokens "
@@ -418,4 +420,4 @@ def test_asking_past_the_context_does_not_grow_the_buffers(gen, monkeypatch):
     n_ctx = gen.cfg.max_position_embeddings
     out = gen.generate_ids([[1, 2, 3]], max_new_tokens=50 * n_ctx, stop_tokens=())
     assert len(out[0]) == n_ctx - 3
-    assert seen[0][1] == G._bucket(n_ctx - 3, G.MIN_NEW_BUCKET)
+    assert seen[0][1] == token_generator._bucket(n_ctx - 3, G.MIN_NEW_BUCKET)

@@ -20,7 +20,8 @@ from sc_jax import model as M
 from sc_jax.config import ConfigError
 from sc_jax.data.batches import BATCH_KEYS, PAIR_KEYS
 from sc_jax.tokenizer import IM_END, IM_START, Tokenizer, iter_corpus_texts, train_tokenizer
-from sc_jax.train import load_config, main, run
+from sc_jax.train import load_config, run
+from sc_jax.train.__main__ import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SFT_YAML = os.path.join(REPO, "experiments", "configs", "sft.yaml")
@@ -436,6 +437,27 @@ def test_sft_interrupted_and_resumed_gives_the_same_losses(runs, tmp_path, tok_p
     assert losses(run_dir) == losses(runs["sft"])  # exact, every step
     jax.tree.map(np.testing.assert_array_equal, checkpoint.to_numpy(second["state"]["params"]),
                  checkpoint.to_numpy(checkpoint.load_params(str(runs["sft"]))[1]))
+
+
+def test_resume_on_changed_sft_data_is_refused_before_anything_is_written(runs, tmp_path, tok_path):
+    """Records appended to the data between a stop and its resume: the saved positions would read
+    other records, so the rerun stops with one line (data.on_source_change) and writes nothing."""
+    from sc_jax.data.iterator import SourceChangedError
+
+    data = write_jsonl(tmp_path / "chat.jsonl", conversations())
+    run_dir = tmp_path / "changed"
+    args = sft_args(tok_path, data, runs["pre"], run_dir)
+    assert run(load_config(SFT_YAML, args + ["train.stop_after_steps=2"]))["step"] == 2
+    more = [{"messages": [{"role": "user", "content": f"Print {i}."}, {"role": "assistant", "content": f"print({i})"}]}
+            for i in range(6)]
+    with open(data, "a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in more)
+    listing = lambda: sorted((str(p), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))  # noqa: E731
+    before = listing()
+    with pytest.raises(SourceChangedError, match=r"source 0 \(jsonl:.*chat\.jsonl\) units \d+ -> \d+ \(records\).*"
+                                                 r"data\.on_source_change=warn.*--restart"):
+        run(load_config(SFT_YAML, args))
+    assert listing() == before
 
 
 def test_configs_carry_the_paper_defaults():

@@ -17,7 +17,8 @@ transformers = pytest.importorskip("transformers")
 
 from sc_jax import model as M  # noqa: E402
 from sc_jax.config import ConfigError, ModelConfig, model_preset  # noqa: E402
-from sc_jax.convert import load_hf, main as convert_main, save_hf  # noqa: E402
+from sc_jax.convert import load_hf, save_hf  # noqa: E402
+from sc_jax.convert.__main__ import main as convert_main  # noqa: E402
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=4, partial_rotary_factor=0.25, rope_theta=10000.0, max_position_embeddings=128,
@@ -100,13 +101,15 @@ def test_kv_cache_decode_equals_full_forward(tmp_path):
     cfg, params = load_hf(path)
     net = ours(cfg, params)
     full = np.asarray(net(jnp.asarray(IDS)))
-    cache = M.init_cache(cfg, batch=2, max_len=32)
-    logits, cache = net(jnp.asarray(IDS[:, :16]), cache=cache)  # prefill
-    steps = [np.asarray(logits)]
+    decoder = nnx.merge(nnx.graphdef(M.abstract_decode_model(cfg)), M.decode_state(cfg, params))
+    ids = jnp.asarray(IDS, jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(24, dtype=jnp.int32), ids.shape)
+    logits, cache = decoder.prefill(ids[:, :16], positions[:, :16], jnp.ones((2, 16), jnp.int32), cache_len=32)
+    steps = [np.asarray(logits)]  # the prefill gives the last prompt position's logits
     for t in range(16, 24):  # one token at a time
-        logits, cache = net(jnp.asarray(IDS[:, t:t + 1]), cache=cache)
+        logits, cache = decoder.decode_step(ids[:, t], positions[:, t], cache)
         steps.append(np.asarray(logits))
-    np.testing.assert_allclose(np.concatenate(steps, 1), full, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.stack(steps, 1), full[:, 15:], rtol=1e-4, atol=1e-4)
 
 
 def test_scan_remat_and_unrolled_agree():

@@ -4,8 +4,8 @@ the command line, tests/test_experiments.py the compiles)."""
 
 import pytest
 
-from sc_jax import plan
-from sc_jax.step import PEAK_FLOPS
+from sc_jax.plan import __main__ as plan
+from sc_jax.train.step import PEAK_FLOPS
 
 
 def check(*argv):

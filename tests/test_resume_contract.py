@@ -20,8 +20,9 @@ import yaml
 from damage import damage_params
 from sc_jax import checkpoint
 from sc_jax.config import ConfigError
-from sc_jax.sweep import _CompileCache
-from sc_jax.train import load_config, main, run
+from sc_jax.sweep.runners import CompileCache
+from sc_jax.train import load_config, run
+from sc_jax.train.__main__ import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["model.preset=tiny", "train.data=synthetic", "train.seq_len=32", "train.global_batch_size=8",
@@ -34,7 +35,7 @@ def compile_cache(tmp_path_factory):
     """Every run here compiles the same tiny programs: compile them once (JAX's persistent cache,
     as the sweep uses it), here and in the subprocesses."""
     cache = str(tmp_path_factory.mktemp("compile_cache"))
-    with _CompileCache(cache):
+    with CompileCache(cache):
         yield cache
 
 
@@ -197,6 +198,33 @@ def test_finished_run_with_a_damaged_final_checkpoint_redoes_the_last_steps(fini
     summary = train(run_dir)
     out = capsys.readouterr().out
     assert "resumed from step 4" in out and "warning" not in out and not summary["trained"]
+
+
+def test_when_no_checkpoint_reads_back_the_run_stops_and_moves_nothing(finished, tmp_path):
+    run_dir = copy_of(finished, tmp_path)
+    for step in (2, 4):
+        damage_params(run_dir / "checkpoints" / str(step))
+    before = sorted(os.listdir(run_dir / "checkpoints")), (run_dir / "metrics.jsonl").read_bytes()
+    with pytest.raises(ConfigError, match="no checkpoint in .* reads back .*rerun with --restart"):
+        train(run_dir)
+    assert (sorted(os.listdir(run_dir / "checkpoints")), (run_dir / "metrics.jsonl").read_bytes()) == before
+
+
+def test_running_out_of_memory_while_restoring_is_not_damage(finished, tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    run_dir = copy_of(finished, tmp_path)
+    real_restore = ocp.CheckpointManager.restore
+
+    def restore(self, step, *a, args=None, **kw):
+        if args is not None and "params" in args.keys():
+            raise MemoryError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 11.18GiB")
+        return real_restore(self, step, *a, args=args, **kw)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
+    with pytest.raises(MemoryError):
+        train(run_dir)
+    assert steps(run_dir) == [2, 4] and not (run_dir / "checkpoints" / "damaged").exists()
 
 
 def test_stop_says_saved_only_when_a_checkpoint_was_saved(tmp_path, capsys):

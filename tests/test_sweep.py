@@ -14,7 +14,9 @@ import sys
 import pytest
 import yaml
 
-from sc_jax import sweep
+from sc_jax.sweep.__main__ import main as sweep_cli
+from sc_jax.sweep.grid import Point, point_name, short_keys
+from sc_jax.sweep.status import SWEEP_ERROR, point_result
 
 # As tests/test_train.py's BASE, with checkpoints (resume) and one device (faster compiles).
 TINY = {"model": {"preset": "tiny"}, "mesh": {"num_devices": 1},
@@ -41,7 +43,7 @@ def args(env, out, *extra):
 
 
 def sweep_main(capsys, argv):
-    rc = sweep.main(argv)
+    rc = sweep_cli(argv)
     cap = capsys.readouterr()
     return rc, cap.out, cap.err
 
@@ -59,7 +61,7 @@ def summary_rows(out):
 def done_sweep(env):
     """The 2x2 sweep, trained once for the module (its points end complete after every test)."""
     out = env["root"] / "grid"
-    assert sweep.main(args(env, out)) == 0
+    assert sweep_cli(args(env, out)) == 0
     return out
 
 
@@ -143,7 +145,7 @@ def test_failed_points_are_recorded_and_the_sweep_goes_on(env, tmp_path, capsys)
         assert rows[name]["status"] == (f"failed: a micro-batch of {per_micro} sequences (train.global_batch_size / "
                                         "train.micro_batches) cannot be split over data x fsdp = 8 devices: "
                                         "make it a multiple of 8")
-    assert (out / "micro_batches-2" / sweep.SWEEP_ERROR).exists()
+    assert (out / "micro_batches-2" / SWEEP_ERROR).exists()
     # The same with a child process per point: the child's error line is what is recorded.
     rc, stdout, err = sweep_main(capsys, ["--config", env["config"], "--grid", "train.micro_batches=2", "--subprocess",
                                           "--steps", "4", "--out", str(out), "mesh.num_devices=8"])
@@ -216,26 +218,26 @@ def test_summary_statistics_from_a_run_directory(tmp_path):
     recs.insert(10, {"step": 10, "eval_loss": 7.5})
     recs.append({"step": 20, "eval_loss": 6.5})
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n{\"step\": 21, \"lo")
-    r = sweep.point_result(sweep.Point("p", {"k": "1"}, [], str(run_dir)), 20)
+    r = point_result(Point("p", {"k": "1"}, [], str(run_dir)), 20)
     assert r["steps_done"] == 20 and r["status"] == "done" and r["first_loss"] == 9.0
     assert r["final_loss"] == pytest.approx((-9.0 + -10.0) / 2)  # last 10% of 20 logged steps: 2
     assert r["eval_loss"] == 6.5 and r["tokens_per_sec"] == pytest.approx(1100.0)  # median of steps 2..20
-    assert sweep.point_result(sweep.Point("p", {}, [], str(run_dir)), 40)["status"] == "partial (20/40)"
+    assert point_result(Point("p", {}, [], str(run_dir)), 40)["status"] == "partial (20/40)"
 
 
 def test_point_names_are_stable_and_readable():
     keys = ["data.fim_rate", "model.partial_rotary_factor"]
-    shorts = sweep.short_keys(keys)
-    assert sweep.point_name({"data.fim_rate": "0", "model.partial_rotary_factor": "0.25"}, shorts) == \
+    shorts = short_keys(keys)
+    assert point_name({"data.fim_rate": "0", "model.partial_rotary_factor": "0.25"}, shorts) == \
         "fim_rate-0_partial_rotary_factor-0.25"
-    assert sweep.short_keys(["optimizer.x.lr", "train.y.lr", "model.dtype"]) == \
+    assert short_keys(["optimizer.x.lr", "train.y.lr", "model.dtype"]) == \
         {"optimizer.x.lr": "x.lr", "train.y.lr": "y.lr", "model.dtype": "dtype"}
-    assert sweep.point_name({"data.tokenizer": "a/b c"}, {"data.tokenizer": "tokenizer"}) == "tokenizer-a_b_c"
+    assert point_name({"data.tokenizer": "a/b c"}, {"data.tokenizer": "tokenizer"}) == "tokenizer-a_b_c"
 
 
 def test_help_documents_the_options(capsys):
     with pytest.raises(SystemExit) as e:
-        sweep.main(["--help"])
+        sweep_cli(["--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
     for word in ("--config", "--grid", "--steps", "--out", "--launcher", "--subprocess", "--summarize-only",

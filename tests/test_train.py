@@ -17,10 +17,11 @@ import yaml
 from jax.sharding import PartitionSpec as P
 
 from sc_jax import sharding
-from sc_jax.config import ConfigError
+from sc_jax.config import ConfigError, to_dict
 from sc_jax.optimizer import OptimizerConfig, decay_mask, lr_schedule
 from sc_jax import train as T
-from sc_jax.train import TrainingError, load_config, main, run
+from sc_jax.train import TrainingError, load_config, run
+from sc_jax.train.__main__ import main
 
 BASE = ["model.preset=tiny", "train.data=synthetic", "train.steps=4", "train.seq_len=32", "train.global_batch_size=8",
         "optimizer.peak_lr=3e-3", "optimizer.warmup_steps=1", "logging.progress=false", "logging.tensorboard=false",
@@ -255,5 +256,5 @@ def test_help_lists_every_section_with_defaults_and_print_config_writes_nothing(
     monkeypatch.chdir(tmp_path)
     assert main(["--print-config", "model.preset=tiny", "train.steps=7", "train.seq_len=64"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed == T.to_dict(load_config(None, ["model.preset=tiny", "train.steps=7", "train.seq_len=64"]))
+    assert printed == to_dict(load_config(None, ["model.preset=tiny", "train.steps=7", "train.seq_len=64"]))
     assert os.listdir(tmp_path) == []

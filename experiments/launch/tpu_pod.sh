@@ -1,27 +1,38 @@
-#!/usr/bin/env bash
-# Run sc_jax.train on every worker of a TPU pod slice. All workers run the same command;
+#!/bin/bash
+# Run sc_jax.train on every worker of a TPU pod slice. All workers run the same command,
+# python -m sc_jax.train --config CONFIG [key=value ...] (PYTHON, default python3, is the interpreter);
 # jax.distributed.initialize() finds the pod by itself (sc_jax.train calls it when it sees
 # TPU_WORKER_HOSTNAMES / MEGASCALE_COORDINATOR_ADDRESS), and each worker feeds its own
 # share of the global batch.
 #
-#   TPU_NAME=my-v5p-256 ZONE=us-east5-a ./experiments/launch/tpu_pod.sh \
+#   TPU_NAME=my-v5p-256 TPU_ZONE=us-east5-a ./experiments/launch/tpu_pod.sh \
 #       experiments/configs/stage1.yaml mesh.fsdp=-1 train.run_dir=gs://bucket/stage1
 #
-# Setup once per slice: REPO_URL and the code are copied to every worker, then
-# `pip install -r requirements.txt "jax[tpu]"` runs there. A preempted slice resumes when
-# you rerun the same command (the run directory must be shared storage, e.g. a GCS bucket
-# mounted with gcsfuse or a Filestore path).
+# First this checkout is copied to every worker and its requirements installed there
+# (SKIP_SETUP=1 skips that). A preempted slice resumes when you rerun the same command.
+# The output of all workers goes to train-$TPU_NAME.log here.
+# Rendered from sc_jax/sweep/templates.py, as the sweep's job scripts are: edit it there, then
+#   python -c 'from sc_jax.sweep.templates import write_launch_scripts; write_launch_scripts()'
+# Set TPU_NAME and TPU_ZONE (and TPU_PROJECT if not gcloud's default project). SC_JAX_DIR is the
+# repository checkout on the workers (default: sc_jax under the home directory); relative paths in
+# the arguments are relative to it. PYTHON is the workers' interpreter (e.g. a virtualenv's
+# bin/python). The run directory must be on storage all workers share (every worker writes
+# checkpoints), e.g. a GCS bucket mounted with gcsfuse or a Filestore path.
 set -euo pipefail
-: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
+: "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
+: "${TPU_ZONE:?set TPU_ZONE, e.g. us-central2-b}"
+SC_JAX_DIR="${SC_JAX_DIR:-sc_jax}"
+PYTHON="${PYTHON:-python3}"
 CONFIG=${1:?usage: tpu_pod.sh CONFIG [key=value ...]}
 shift
-PROJECT_FLAG=${PROJECT:+--project=$PROJECT}
-REMOTE_DIR=${REMOTE_DIR:-sc_jax}
-ssh_all() { gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" $PROJECT_FLAG --worker=all --command="$1"; }
-
-if [ "${SKIP_SETUP:-0}" != 1 ]; then
-  gcloud compute tpus tpu-vm scp --recurse --zone="$ZONE" $PROJECT_FLAG --worker=all \
-      "$(git rev-parse --show-toplevel)" "$TPU_NAME":"$REMOTE_DIR"
-  ssh_all "cd $REMOTE_DIR && pip install -q -r requirements.txt 'jax[tpu]'"
+ARGS="--config $CONFIG $*"
+ssh_all() {
+  gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$TPU_ZONE" ${TPU_PROJECT:+--project="$TPU_PROJECT"} \
+    --worker=all --command="$1"
+}
+if [ "${SKIP_SETUP:-0}" != 1 ]; then  # copy this checkout to every worker and install it
+  gcloud compute tpus tpu-vm scp --recurse --zone="$TPU_ZONE" ${TPU_PROJECT:+--project="$TPU_PROJECT"} \
+    --worker=all "$(git rev-parse --show-toplevel)" "$TPU_NAME:$SC_JAX_DIR"
+  ssh_all "cd $SC_JAX_DIR && $PYTHON -m pip install -q -r requirements.txt 'jax[tpu]'"
 fi
-ssh_all "cd $REMOTE_DIR && python -m sc_jax.train --config $CONFIG $* 2>&1 | tee -a train-\$(hostname).log"
+ssh_all "cd $SC_JAX_DIR && $PYTHON -m sc_jax.train $ARGS" 2>&1 | tee -a "train-$TPU_NAME.log"

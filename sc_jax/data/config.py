@@ -14,6 +14,7 @@ from sc_jax.config import ConfigError, _closest
 SOURCE_KINDS = ("dir", "jsonl", "parquet", "tfds")
 DOCUMENT_KINDS = ("repository", "file")
 PACKING_KINDS = ("concat", "first_fit")
+ON_SOURCE_CHANGE = ("error", "warn")
 DIR_LAYOUTS = ("auto", "repos", "repo")
 
 # Language name -> file extensions (lower case). Names follow The Stack's `lang` column, lower-cased.
@@ -125,6 +126,11 @@ class DataConfig:
     # Special-token spellings when a foreign tokenizer names them differently, e.g. {"<repo_name>": "<reponame>"}.
     special_tokens: dict[str, str] = dataclasses.field(default_factory=dict)
     strict: bool = False  # sft/dpo: a malformed JSONL record stops the run with path:line
+    # A resumed iterator state saved over other data (a source's unit count or unit names, the
+    # mixture weights, the host count, num_workers, the seed): "error" refuses it (exact resume or
+    # nothing), "warn" logs what changed and continues on the new data (the order from there on
+    # is not the saved run's: some inputs of the current epoch repeat, others are skipped).
+    on_source_change: str = "error"
 
     # Documents
     document: str = "repository"  # repository | file
@@ -171,6 +177,7 @@ class DataConfig:
 
         check_choice("data.document", self.document, DOCUMENT_KINDS)
         check_choice("data.packing", self.packing, PACKING_KINDS)
+        check_choice("data.on_source_change", self.on_source_change, ON_SOURCE_CHANGE)
         for key in ("fim_rate", "spm_rate", "fim_repo_rate"):
             check_rate(f"data.{key}", getattr(self, key))
         if not 0.0 <= self.holdout_fraction < 1.0:

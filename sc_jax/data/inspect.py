@@ -18,7 +18,7 @@ import time
 import yaml
 
 from sc_jax.config import ConfigError, apply_overrides, from_dict
-from sc_jax.data.cli import Parser, first_line, whole_number
+from sc_jax.cli import Parser, first_line, whole_number
 
 
 def _read_yaml(path: str) -> dict:

@@ -3,28 +3,43 @@
 State (what a checkpoint keeps in meta["data_state"]):
 
     {"version": 1, "task": "pretrain" | "sft" | "dpo", "grain": <grain's state, JSON-tagged>,
-     "counters": [the task's CounterSet, in order], "metrics": {"batches": ..., ...}}
+     "counters": [the task's CounterSet, in order], "metrics": {"batches": ..., ...},
+     "fingerprint": {what the grain indices point at: pipeline.fingerprint}}
+
+`set_state` compares the saved fingerprint with this iterator's: a state saved over other data
+(a source's unit count or names, weights, host count, num_workers, seed, split) raises
+`SourceChangedError`, or with data.on_source_change = "warn" logs what changed and continues.
 
 States saved before the pipelines were one still load: pretraining ones have no "task" (and may
 have fewer counters: new names are appended), instruction ones spell the counters "counts".
+States without a fingerprint (saved before it existed) restore unchecked.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import dataclasses
+import logging
 import time
 from typing import Callable
 
 import grain
 import numpy as np
 
+from sc_jax.data import pipeline
 from sc_jax.data.batches import batch_keys, batch_metrics, empty_batch
 from sc_jax.data.sources import DataError
 from sc_jax.data.stats import STATS_KEY, CounterSet
 from sc_jax.tokenizer import Tokenizer
 
+log = logging.getLogger(__name__)
+
 METRICS = ("batches", "rows", "tokens", "loss_tokens", "segments", "padding_batches")
+
+
+class SourceChangedError(DataError):
+    """A saved iterator state whose grain indices point into other data than this iterator's."""
 
 
 # ----------------------------------------------------------------------------- state encoding
@@ -93,6 +108,8 @@ class PipelineInfo:
     scan_skipped: dict[str, int]  # inputs dropped while the sources were scanned, by reason
     pipeline_id: str
     train: bool
+    fingerprint: dict | None = None  # pipeline.fingerprint: stored in every state, checked on restore
+    on_source_change: str = "error"  # data.on_source_change
 
 
 # ----------------------------------------------------------------------------- iterator
@@ -109,8 +126,9 @@ class DataIterator(grain.DatasetIterator):
 
     Yields the task's batch keys (sc_jax.data.batches), each [batch_size, seq_len]. `get_state()`
     is a JSON-serialisable dict; `set_state` on a fresh iterator built with the same arguments
-    continues exactly. With `max_batches` (eval on several hosts) it yields exactly that many
-    batches, empty ones after the data ends, so every host's collectives match."""
+    continues exactly (a state saved over other data: `SourceChangedError`, or a warning: see
+    the module docstring). With `max_batches` (eval on several hosts) it yields exactly that many batches, empty
+    ones after the data ends, so every host's collectives match."""
 
     def __init__(self, inner: grain.DatasetIterator, info: PipelineInfo, *, batch_size: int, seq_len: int,
                  max_batches: int | None = None):
@@ -152,19 +170,51 @@ class DataIterator(grain.DatasetIterator):
 
     # -- state
     def get_state(self) -> dict:
-        return {"version": 1, "task": self.task, "grain": encode_state(self._inner.get_state()),
-                "counters": self._counts.tolist(), "metrics": dict(self._m)}
+        state = {"version": 1, "task": self.task, "grain": encode_state(self._inner.get_state()),
+                 "counters": self._counts.tolist(), "metrics": dict(self._m)}
+        if self.info.fingerprint is not None:
+            state["fingerprint"] = copy.deepcopy(self.info.fingerprint)
+        return state
 
     def set_state(self, state: dict) -> None:
         if not isinstance(state, dict) or "grain" not in state:
             raise ValueError("not a sc_jax data iterator state (missing 'grain')")
         if state.get("task", self.task) != self.task:
             raise ValueError(f"the saved data state is for task '{state.get('task')}', this run is '{self.task}'")
-        self._inner.set_state(decode_state(state["grain"]))
+        changed = self._check_fingerprint(state.get("fingerprint"))
+        try:
+            self._inner.set_state(decode_state(state["grain"]))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            if not changed:
+                raise
+            raise SourceChangedError(f"the saved data state does not fit this pipeline ({changed}): {e}; resume "
+                                     "with the original data and settings, or start a new run (--restart)") from None
         saved = self.info.spec.counters.restore(state.get("counters", state.get("counts")))
         if saved is not None:
             self._counts = saved
         self._m.update(state.get("metrics", {}))
+
+    def _check_fingerprint(self, saved) -> str:
+        """'' when `saved` (a state's fingerprint; None: saved before fingerprints) indexes this
+        iterator's data; else what differs, after raising or warning per data.on_source_change."""
+        now = self.info.fingerprint
+        if not isinstance(saved, dict) or now is None:
+            return ""
+        note = pipeline.other_host(saved, now)
+        if note:
+            log.warning(note)
+        diff = pipeline.changes(saved, now)
+        if not diff:
+            return ""
+        shown = ", ".join(diff[:4]) + (f" and {len(diff) - 4} more" if len(diff) > 4 else "")
+        if self.info.on_source_change != "warn":
+            raise SourceChangedError(
+                f"the saved data state indexes other data than this run reads: {shown}; its positions would now "
+                "read other inputs (some repeated, some skipped). Resume with the original data, set "
+                "data.on_source_change=warn to continue on the changed data, or start a new run (--restart)")
+        log.warning(f"data: resuming on changed data (data.on_source_change=warn): {shown}; the data order from "
+                    "here on is not the saved run's (some inputs of this epoch repeat, others are skipped)")
+        return shown
 
     # -- statistics
     @property

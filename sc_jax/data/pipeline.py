@@ -16,6 +16,10 @@ packer (pretraining: `sc_jax.data.pretrain`; SFT and DPO: `sc_jax.instruct.data`
 
 Every random choice is drawn from (seed, element index), so any element can be computed without
 the ones before it: what a resumed or re-sliced pipeline needs.
+
+An iterator state holds grain indices into this stream; `fingerprint` describes what they index
+(the layout, per source its unit count and unit names, the weights, the host slice, the worker
+count, the seed), so that a state restored onto other data is noticed (`changes`).
 """
 
 from __future__ import annotations
@@ -33,8 +37,17 @@ import numpy as np
 from sc_jax.config import ConfigError
 from sc_jax.data import stats
 from sc_jax.data.config import DataConfig, SourceConfig
+from sc_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+def configured_tokenizer(cfg: DataConfig, given: Tokenizer | None) -> Tokenizer:
+    """`given` when it is data.tokenizer as the config reads it (same special-token
+    spellings), else data.tokenizer loaded here: a run loads its tokenizer once and passes it."""
+    if given is not None and given.aliases == dict(cfg.special_tokens or {}):
+        return given
+    return Tokenizer.from_file(cfg.tokenizer, aliases=cfg.special_tokens)
 
 
 def new_pipeline_id() -> str:
@@ -143,11 +156,15 @@ class EpochShuffle:
 @dataclasses.dataclass(frozen=True)
 class Component:
     """One source of examples: `make(stream index, unit)` -> an example dict, or None (dropped and
-    counted by `make`), for units 0 .. size-1; `weight`: its share of the training mixture."""
+    counted by `make`), for units 0 .. size-1; `weight`: its share of the training mixture;
+    `names`: a digest of which unit each id is (sources.names_digest; None: not known cheaply);
+    `unit`: what a unit is, in words (for messages)."""
 
     make: Callable
     size: int
     weight: float
+    names: str | None = None
+    unit: str = "units"
 
 
 def example_stream(components: list[Component], *, seed: int, salt: int, shuffle: bool, train: bool,
@@ -170,6 +187,77 @@ def example_stream(components: list[Component], *, seed: int, salt: int, shuffle
     else:
         ds = grain.MapDataset.concatenate(parts)
     return ds[process_index::process_count] if process_count > 1 else ds
+
+
+# ----------------------------------------------------------------------------- fingerprint
+
+# Bump when the same (seed, sources) would map a grain index onto another unit: a change to
+# example_stream, EpochShuffle or the salts. States saved with another layout are then refused.
+STREAM_LAYOUT = 1
+
+
+def fingerprint(components: list[Component], srcs: list[SourceConfig], *, cfg: DataConfig, seed: int, train: bool,
+                process_index: int, process_count: int) -> dict:
+    """What the grain indices of an iterator state point at (JSON): stored in every state and
+    compared on restore. How each unit is turned into an example (FIM, filters, tokenizer) is
+    not here: that is the config (the trainer refuses a resume with another one)."""
+    return {"layout": STREAM_LAYOUT, "split": "train" if train else "eval", "seed": int(seed),
+            "shuffle": bool(cfg.shuffle), "hosts": [int(process_index), int(process_count)],
+            "workers": int(cfg.num_workers),
+            "sources": [{"kind": s.kind, "path": s.path, "units": int(c.size), "unit": c.unit,
+                         "weight": float(c.weight), "names": c.names} for c, s in zip(components, srcs)]}
+
+
+def _shares(sources: list[dict]) -> list[float]:
+    total = sum(float(s.get("weight", 1.0)) for s in sources) or 1.0
+    return [float(s.get("weight", 1.0)) / total for s in sources]
+
+
+def changes(saved: dict, now: dict) -> list[str]:
+    """"what old -> new" for everything that makes the saved fingerprint index other data than
+    `now` ([] = the same stream). The process index is not compared (see `other_host`); a source
+    at another path with the same unit count and names is the same data, moved."""
+    out = []
+    for key, what in (("layout", "stream layout"), ("split", "split"), ("seed", "seed"), ("workers", "num_workers")):
+        if key in saved and saved[key] != now[key]:
+            extra = " (saved by another version of sc_jax)" if key == "layout" else ""
+            out.append(f"{what} {saved[key]!r} -> {now[key]!r}{extra}")
+    train = now["split"] == "train"
+    if train and "shuffle" in saved and saved["shuffle"] != now["shuffle"]:
+        out.append(f"shuffle {saved['shuffle']} -> {now['shuffle']}")
+    if "hosts" in saved and saved["hosts"][1] != now["hosts"][1]:
+        out.append(f"process_count {saved['hosts'][1]} -> {now['hosts'][1]}")
+    old, new = saved.get("sources", []), now["sources"]
+    if len(old) != len(new):
+        label = lambda ss: "[" + ", ".join(f"{s['kind']}:{s['path']}" for s in ss) + "]"  # noqa: E731
+        out.append(f"sources {label(old)} -> {label(new)}")
+    for i, (a, b) in enumerate(zip(old, new)):
+        where = f"source {i} ({b['kind']}:{b['path']})"
+        moved = f" (path {a['path']} -> {b['path']})" if a["path"] != b["path"] else ""
+        if a["kind"] != b["kind"]:
+            out.append(f"source {i} kind {a['kind']} -> {b['kind']}")
+        elif a["units"] != b["units"]:
+            out.append(f"{where} units {a['units']} -> {b['units']} ({b.get('unit', 'units')}){moved}")
+        elif a.get("names") and b.get("names"):
+            if a["names"] != b["names"]:
+                out.append(f"{where} other units ({b['units']} either way, names differ){moved}")
+        elif moved:  # units not named: another path may be other data
+            out.append(f"source {i} path {a['path']} -> {b['path']}")
+    if train and len(old) == len(new) > 1 and not all(
+            abs(x - y) <= 1e-9 for x, y in zip(_shares(old), _shares(new))):
+        out.append(f"weights {[s['weight'] for s in old]} -> {[s['weight'] for s in new]}")
+    return out
+
+
+def other_host(saved: dict, now: dict) -> str | None:
+    """The note for a state saved by another process of the same host count (a checkpoint keeps
+    one process's data state, process 0's): this process resumes near, not exactly at, its
+    position. None when the state is this process's own."""
+    if "hosts" not in saved or saved["hosts"] == now["hosts"] or saved["hosts"][1] != now["hosts"][1]:
+        return None
+    return (f"data: this data state was saved by process {saved['hosts'][0]} of {saved['hosts'][1]} and is restored "
+            f"on process {now['hosts'][0]}: its stream resumes at that process's position (near, not exactly at, "
+            "where this one stopped)")
 
 
 # ----------------------------------------------------------------------------- packing

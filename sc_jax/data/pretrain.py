@@ -22,9 +22,11 @@ from sc_jax.tokenizer import EOS, FILE_SEP, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX, 
 _SHUFFLE_SALT = 0x5EED
 
 
-def load_tokenizer(cfg: DataConfig, sources: list[SourceConfig] | None = None) -> Tokenizer:
-    """The configured tokenizer, checked for the special tokens this config will write."""
-    tok = Tokenizer.from_file(cfg.tokenizer, aliases=cfg.special_tokens)
+def load_tokenizer(cfg: DataConfig, sources: list[SourceConfig] | None = None,
+                   tokenizer: Tokenizer | None = None) -> Tokenizer:
+    """The configured tokenizer (`tokenizer` when given and configured alike), checked for the
+    special tokens this config will write."""
+    tok = pipeline.configured_tokenizer(cfg, tokenizer)
     needed = [EOS]
     srcs = cfg.sources + cfg.eval_sources if sources is None else sources
     if any((s.fim_rate if s.fim_rate is not None else cfg.fim_rate) > 0 for s in srcs):
@@ -66,15 +68,19 @@ def build_document_dataset(cfg: DataConfig, *, seed: int, train: bool = True, pr
     pipeline.check_host(process_index, process_count)
     srcs, keep = pipeline.split_plan(cfg, train, task="pretrain", what="sources",
                                      hint="add at least one source, e.g. {kind: dir, path: /path/to/repos}")
-    tok = tokenizer or load_tokenizer(cfg, srcs)
+    tok = load_tokenizer(cfg, srcs, tokenizer)
     makers = [_maker(cfg, scfg, i, tok, seed=seed, train=train, keep=keep, pipeline_id=pipeline_id)
               for i, scfg in enumerate(srcs)]
-    components = [pipeline.Component(m, m.num_units, scfg.weight) for m, scfg in zip(makers, srcs)]
+    components = [pipeline.Component(m, m.num_units, scfg.weight, m.source.unit_digest(files=m.mode == "file"),
+                                     "files" if m.mode == "file" else "repositories x repo_orders")
+                  for m, scfg in zip(makers, srcs)]
     ds = pipeline.example_stream(components, seed=seed, salt=_SHUFFLE_SALT, shuffle=cfg.shuffle, train=train,
                                  process_index=process_index, process_count=process_count)
     sources = [m.source for m in makers]
     scan_skipped = stats.merge_counts(s.scan_skipped for s in sources)
-    return ds, PipelineInfo(TASK, tok, sources, makers, scan_skipped, pipeline_id, train)
+    fp = pipeline.fingerprint(components, srcs, cfg=cfg, seed=seed, train=train, process_index=process_index,
+                              process_count=process_count)
+    return ds, PipelineInfo(TASK, tok, sources, makers, scan_skipped, pipeline_id, train, fp, cfg.on_source_change)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -108,11 +114,11 @@ def pack(ds: grain.IterDataset, *, packing: str, seq_len: int, seed: int, shuffl
 
 
 def _iterator(cfg: DataConfig, *, seq_len: int, batch_size: int, seed: int, train: bool, process_index: int,
-              process_count: int, max_batches: int | None = None) -> DataIterator:
+              process_count: int, max_batches: int | None = None, tokenizer: Tokenizer | None = None) -> DataIterator:
     pipeline.check_shape(seq_len, batch_size)
     pid = pipeline.new_pipeline_id()
     docs, info = build_document_dataset(cfg, seed=seed, train=train, process_index=process_index,
-                                        process_count=process_count, pipeline_id=pid)
+                                        process_count=process_count, pipeline_id=pid, tokenizer=tokenizer)
     packer = functools.partial(pack, packing=cfg.packing, seq_len=seq_len, seed=seed,
                                shuffle_bins=cfg.shuffle and train, first_fit_bins=cfg.first_fit_bins)
     ds = pipeline.format_and_batch(docs, packer, cfg=cfg, batch_size=batch_size, train=train, pipeline_id=pid,
@@ -121,20 +127,23 @@ def _iterator(cfg: DataConfig, *, seq_len: int, batch_size: int, seed: int, trai
 
 
 def make_train_iterator(cfg: DataConfig, *, seq_len: int, batch_size: int, seed: int, process_index: int = 0,
-                        process_count: int = 1) -> DataIterator:
-    """Infinite training batches ([batch_size, seq_len] for this process), epochs reshuffled by seed."""
+                        process_count: int = 1, tokenizer: Tokenizer | None = None) -> DataIterator:
+    """Infinite training batches ([batch_size, seq_len] for this process), epochs reshuffled by seed.
+    `tokenizer`: data.tokenizer already loaded (else it is loaded here)."""
     return _iterator(cfg, seq_len=seq_len, batch_size=batch_size, seed=seed, train=True,
-                     process_index=process_index, process_count=process_count)
+                     process_index=process_index, process_count=process_count, tokenizer=tokenizer)
 
 
 def make_eval_iterator(cfg: DataConfig, *, seq_len: int, batch_size: int, seed: int, process_index: int = 0,
-                       process_count: int = 1, max_batches: int | None = None) -> DataIterator:
+                       process_count: int = 1, max_batches: int | None = None,
+                       tokenizer: Tokenizer | None = None) -> DataIterator:
     """One finite pass over the held-out data (see DataConfig.eval_sources / holdout_fraction).
 
     The last batch is padded with empty rows (loss_mask 0). With several hosts pass `max_batches`:
     every host then yields exactly that many batches (padding with empty ones), so collectives match."""
     return _iterator(cfg, seq_len=seq_len, batch_size=batch_size, seed=seed, train=False,
-                     process_index=process_index, process_count=process_count, max_batches=max_batches)
+                     process_index=process_index, process_count=process_count, max_batches=max_batches,
+                     tokenizer=tokenizer)
 
 
 # ----------------------------------------------------------------------------- statistics

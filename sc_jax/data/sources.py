@@ -22,6 +22,7 @@ import collections
 import dataclasses
 import fnmatch
 import glob
+import hashlib
 import json
 import os
 import threading
@@ -229,6 +230,40 @@ def expand_paths(path: str, patterns: tuple[str, ...], what: str) -> list[str]:
     return files
 
 
+# ----------------------------------------------------------------------------- unit identity
+
+
+def names_digest(*parts) -> str:
+    """A short hash of sequences of names, in order: the identity of a source's units (the
+    iterator state's fingerprint). The same names give the same digest on any machine."""
+    h = hashlib.blake2b(digest_size=8)
+    for names in parts:
+        h.update(b"\x01")
+        chunk: list[str] = []
+        for name in names:
+            chunk.append(str(name))
+            if len(chunk) >= 1 << 16:
+                h.update(("\0".join(chunk) + "\0").encode("utf-8", "surrogatepass"))
+                chunk = []
+        if chunk:
+            h.update(("\0".join(chunk) + "\0").encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def relative_names(files: list[str]) -> list[str]:
+    """Paths relative to their common directory: the same for a corpus copied elsewhere."""
+    if not files:
+        return []
+    base = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+    return [os.path.relpath(f, base) for f in files]
+
+
+def rows_per_file(files: list[str], fid: np.ndarray) -> list[str]:
+    """"name:rows" for each file (fid: the file id of every unit row)."""
+    counts = np.bincount(np.asarray(fid, np.int64), minlength=len(files)) if len(files) else []
+    return [f"{name}:{int(n)}" for name, n in zip(relative_names(files), counts)]
+
+
 # ----------------------------------------------------------------------------- base
 
 
@@ -275,6 +310,11 @@ class Source:
                 kept.append((path, text))
             data.files = kept
         return data
+
+    def unit_digest(self, files: bool) -> str | None:
+        """`names_digest` of the units (files: the file view, else the repository view), or None
+        where naming them would mean reading every record (then only their count is checked)."""
+        return None
 
     def describe(self) -> str:
         return f"{self.kind}:{self.label} ({self.num_repos()} repositories)"
@@ -372,6 +412,11 @@ class DirSource(Source):
     def num_files(self) -> int:
         return len(self._file_repo)
 
+    def unit_digest(self, files: bool) -> str | None:
+        if files:
+            return names_digest(f"{name}/{rel}" for name, _, rels in self.repos for rel in rels)
+        return names_digest(name for name, _, _ in self.repos)
+
     def file_repo_name(self, j: int) -> str:
         return self.repos[int(self._file_repo[j])][0]
 
@@ -416,6 +461,16 @@ class _TableSource(Source):
 
     def num_files(self) -> int:
         return len(self._rows)
+
+    def _row_files(self) -> np.ndarray:
+        """The file id of every usable row (`_rows`)."""
+        raise NotImplementedError
+
+    def unit_digest(self, files: bool) -> str | None:
+        per_file = rows_per_file(self.files, self._row_files())
+        if files or not self.group_repos:
+            return names_digest(per_file)
+        return names_digest(per_file, (name or f"#{int(rows[0])}" for name, rows in self._repos))
 
     # Subclasses: _read_row(row) -> (repo, path, language, content) or raises ValueError (malformed).
     def _read_row(self, row: int):
@@ -480,6 +535,9 @@ class JsonlSource(_TableSource):
             self._rows = np.flatnonzero(keep)
         else:
             self._rows = np.arange(len(self.index), dtype=np.int64)
+
+    def _row_files(self) -> np.ndarray:
+        return self.index.fid[self._rows]
 
     def _scan_rows(self) -> tuple[list[str | None], np.ndarray]:
         """(repository name per row, which rows are usable files): one pass over the rows."""
@@ -601,6 +659,12 @@ class ParquetSource(_TableSource):
         if group_repos:
             self._group(names, keep)
         self._rows = np.flatnonzero(keep)
+
+    def _row_files(self) -> np.ndarray:
+        if not len(self._rows):
+            return np.zeros(0, np.int64)
+        rg = np.searchsorted(self._rg_start, self._rows, side="right") - 1
+        return np.asarray([f for f, _, _ in self._rg], np.int64)[rg]
 
     def _row_group(self, idx: int):
         with self._lock:

@@ -33,7 +33,6 @@ from sc_jax.eval.humaneval import (
     execute_samples,
     load_humaneval,
     load_multipl_e,
-    truncate_at_stop,
 )
 from sc_jax.eval.passk import aggregate_pass_at_k, estimate_pass_at_k, pass_at_k
 from sc_jax.eval.score import load_samples
@@ -43,5 +42,5 @@ __all__ = [
     "ProgramPool", "SandboxConfig", "UnknownLanguageError", "aggregate_pass_at_k", "build_fim_tasks",
     "describe_failure", "estimate_pass_at_k", "evaluate", "evaluate_fim", "execute_samples", "get_executor",
     "load_humaneval", "load_multipl_e", "load_samples", "pass_at_k", "register_executor", "run_many",
-    "run_program", "sandbox_capabilities", "truncate_at_stop",
+    "run_program", "sandbox_capabilities",
 ]

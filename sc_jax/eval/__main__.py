@@ -1,6 +1,6 @@
 """Command line: ``python -m sc_jax.eval {humaneval,multipl-e,fim,check-canonical,score} ...``.
 
-Generation goes through ``sc_jax.generate.load_generator(path)`` (imported only when a
+Generation goes through ``sc_jax.generate.load_generator(path)`` (called only when a
 checkpoint is needed); execution through the sandbox in ``sc_jax.eval.execution``.
 Every input is checked before any work starts (output directory, checkpoint path,
 data, samples, k against n, languages); results are written to a temporary directory
@@ -16,60 +16,15 @@ import os
 import sys
 import time
 
+from sc_jax.cli import Parser, bounded, nearest_existing
+from sc_jax.config import ConfigError
 from sc_jax.eval import execution, fim, humaneval, score
 from sc_jax.eval.execution import EvalError, SandboxConfig
 
 DEFAULT_KS = ",".join(map(str, humaneval.DEFAULT_KS))
 
 
-class _Parser(argparse.ArgumentParser):
-    """Usage errors as one `error:` line (exit 2), like every other bad input."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's help ends with its default, or says that it is required."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "(default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
-            return text
-        if action.required:
-            return text + " (required)"
-        return text + " (default: %(default)s)"
-
-
 # ----------------------------------------------------------------------------- argument types
-
-
-def _int_at_least(low: int):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {s!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {v}")
-        return v
-
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-def _float_in(low: float, high: float | None = None, *, low_open: bool = False):
-    def parse(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, got {s!r}") from None
-        if v < low or (low_open and v == low) or (high is not None and v > high):
-            bounds = f"{'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-            raise argparse.ArgumentTypeError(f"must be {bounds}, got {v}")
-        return v
-
-    return parse
 
 
 def _ks(s: str) -> tuple[int, ...]:
@@ -82,7 +37,7 @@ def _ks(s: str) -> tuple[int, ...]:
     return tuple(sorted(set(ks)))
 
 
-_positive_int = _int_at_least(1)
+_positive_int = bounded(int, 1)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -92,7 +47,7 @@ def _add_exec_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=_positive_int, default=None,
                    help="programs run in parallel (default: min(8, CPUs))")
-    g.add_argument("--timeout", type=_float_in(0, low_open=True), default=15.0,
+    g.add_argument("--timeout", type=bounded(float, 0, low_open=True), default=15.0,
                    help="wall seconds per program, as MultiPL-E")
     g.add_argument("--memory-mb", type=_positive_int, default=2048, help="memory limit per program in MiB")
     g.add_argument("--limit", type=_positive_int, default=None, help="only the first K problems (default: all)")
@@ -110,25 +65,25 @@ def _add_gen_args(p: argparse.ArgumentParser, *, n: int, temperature: float, top
                    help="model: Hugging Face directory, orbax checkpoint or training run directory")
     g.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one beside the checkpoint)")
     g.add_argument("--n", type=_positive_int, default=n, help="samples per problem")
-    g.add_argument("--temperature", type=_float_in(0), default=temperature, help="sampling temperature, 0 = greedy")
-    g.add_argument("--top-p", type=_float_in(0, 1, low_open=True), default=top_p, help="nucleus sampling mass")
-    g.add_argument("--top-k", type=_int_at_least(0), default=0, help="top-k sampling, 0 = off")
+    g.add_argument("--temperature", type=bounded(float, 0), default=temperature, help="sampling temperature, 0 = greedy")
+    g.add_argument("--top-p", type=bounded(float, 0, 1, low_open=True), default=top_p,
+                   help="nucleus sampling mass")
+    g.add_argument("--top-k", type=bounded(int, 0), default=0, help="top-k sampling, 0 = off")
     g.add_argument("--max-new-tokens", type=_positive_int, default=max_new_tokens, help="tokens per completion")
     g.add_argument("--batch-size", type=_positive_int, default=32, help="prompts per generation call")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (batch i uses seed + i)")
 
 
 def _subparser(sub, name: str, help_text: str) -> argparse.ArgumentParser:
-    return sub.add_parser(name, help=help_text, description=help_text, formatter_class=_HelpFormatter)
+    return sub.add_parser(name, help=help_text, description=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    parser = Parser(
         prog="python -m sc_jax.eval",
         description="Code-generation benchmarks for sc_jax models: HumanEval, MultiPL-E JSONL, "
         "fill-in-the-middle, and scoring of samples made by MultiPL-E or bigcode-evaluation-harness; "
         "run in a sandbox (pass = exit code 0 and the tests ran to their end; pass@k unbiased).",
-        formatter_class=_HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
@@ -147,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subparser(sub, "fim", "fill-in-the-middle built from HumanEval canonical solutions")
     _add_gen_args(p, n=1, temperature=0.0, top_p=1.0, max_new_tokens=128)
     p.add_argument("--mode", choices=fim.MODES, default="line", help="mask one line or a span of lines")
-    p.add_argument("--max-span-lines", type=_int_at_least(2), default=5, help="longest masked span in span mode")
+    p.add_argument("--max-span-lines", type=bounded(int, 2), default=5, help="longest masked span in span mode")
     p.add_argument("--fim-seed", type=int, default=0, help="which lines get masked")
     _add_exec_args(p)
 
@@ -182,9 +137,7 @@ def check_out_dir(path: str | None) -> None:
         if os.listdir(path):
             raise EvalError(f"--out {path} exists and is not empty: give a new or empty directory")
         return
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    parent = nearest_existing(os.path.dirname(os.path.abspath(path)))
     if not os.path.isdir(parent):
         raise EvalError(f"--out {path}: {parent} is a file, not a directory: give a path under a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -326,8 +279,6 @@ COMMANDS = {"humaneval": cmd_generate, "multipl-e": cmd_generate, "fim": cmd_fim
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from sc_jax.config import ConfigError
-
     try:
         return COMMANDS[args.command](args)
     except (EvalError, ConfigError) as e:

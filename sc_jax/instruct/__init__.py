@@ -19,7 +19,8 @@ are skipped and counted (`iterator.stats()["skipped"]`), or rejected with `path:
 API used by `sc_jax.tasks`: `make_iterator`, `dpo_loss_fn(beta)`, `dpo_eval_fn(graphdef, beta)`.
 """
 
-from sc_jax.instruct.chat import (CHAT_TEMPLATE, SKIP_REASONS, ChatFormat, RecordError, dpo_example, parse_chat,
+from sc_jax.tokenizer import CHAT_TEMPLATE
+from sc_jax.instruct.chat import (SKIP_REASONS, ChatFormat, RecordError, dpo_example, parse_chat,
                                   parse_messages, parse_pair, render_text, sft_example)
 from sc_jax.instruct.data import Records, build_dataset, make_instruct_iterator, make_iterator
 from sc_jax.instruct.dpo import METRICS, dpo_eval_fn, dpo_loss_fn, dpo_terms, sequence_logps

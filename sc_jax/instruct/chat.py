@@ -29,12 +29,6 @@ _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "
 
 # The same template for Hugging Face `tokenizer_config.json` ("chat_template"), so
 # `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` matches `render_text`.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 # Why a record was skipped (the keys of the iterator's `stats()["skipped"]`).
 SKIP_REASONS = ("bad_json", "not_object", "missing_field", "bad_message", "no_assistant", "empty_prompt",

@@ -98,6 +98,10 @@ class Records:
     def files(self) -> list[str]:
         return self.index.files
 
+    def digest(self) -> str:
+        """Which record each index is (per file, how many valid records), for the state's fingerprint."""
+        return sources.names_digest(sources.rows_per_file(self.index.files, self.index.fid))
+
     def __len__(self) -> int:
         return len(self.index)
 
@@ -164,8 +168,7 @@ def build_dataset(cfg: DataConfig, task: str, *, seq_len: int, batch_size: int, 
     pipeline.check_shape(seq_len, batch_size)
     pipeline.check_host(process_index, process_count)
     cfg.validate()
-    tok = tokenizer if tokenizer is not None and not cfg.special_tokens else \
-        Tokenizer.from_file(cfg.tokenizer, aliases=cfg.special_tokens)
+    tok = pipeline.configured_tokenizer(cfg, tokenizer)
     fmt = ChatFormat(tok)
     srcs, keep = pipeline.split_plan(cfg, train, task=task, what="records",
                                      hint="add the chat data, e.g. data.sources=[{kind: jsonl, path: FILE}]")
@@ -173,7 +176,8 @@ def build_dataset(cfg: DataConfig, task: str, *, seq_len: int, batch_size: int, 
     records = _scan(cfg, task, srcs, strict=cfg.strict if strict is None else strict, keep=keep, train=train,
                     verbose=verbose)
     makers = [Examples(task, rec, fmt, seq_len, pid) for rec in records]
-    components = [pipeline.Component(m, len(rec), s.weight) for m, rec, s in zip(makers, records, srcs)]
+    components = [pipeline.Component(m, len(rec), s.weight, rec.digest(), "records")
+                  for m, rec, s in zip(makers, records, srcs)]
     examples = pipeline.example_stream(components, seed=seed, salt=_SHUFFLE_SALT, shuffle=cfg.shuffle, train=train,
                                        process_index=process_index, process_count=process_count)
     packer = None if task == "dpo" else functools.partial(
@@ -181,7 +185,10 @@ def build_dataset(cfg: DataConfig, task: str, *, seq_len: int, batch_size: int, 
         shuffle_bins=cfg.shuffle and train, meta_features=("loss_mask",), max_sequences=max_segments)
     ds = pipeline.format_and_batch(examples, packer, cfg=cfg, batch_size=batch_size, train=train, pipeline_id=pid,
                                    counters=COUNTERS)
-    return ds, PipelineInfo(TASKS[task], tok, records, makers, merge_counts(r.skipped for r in records), pid, train)
+    fp = pipeline.fingerprint(components, srcs, cfg=cfg, seed=seed, train=train, process_index=process_index,
+                              process_count=process_count)
+    return ds, PipelineInfo(TASKS[task], tok, records, makers, merge_counts(r.skipped for r in records), pid, train,
+                            fp, cfg.on_source_change)
 
 
 def make_instruct_iterator(cfg: DataConfig, task: str, *, seq_len: int, batch_size: int, seed: int,

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from sc_jax.data.batches import BATCH_KEYS, PAIR_SIDES
-from sc_jax.step import forward, token_losses
+from sc_jax.train.step import forward, token_losses
 
 # The aux metrics, summed over valid pairs (the step divides by the number of pairs).
 METRICS = ("chosen_reward", "rejected_reward", "reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp")

@@ -1,4 +1,4 @@
-"""The training step: `(state, batch) -> (state, metrics)`, plus analytic FLOPs.
+"""The training step: `(state, batch) -> (state, metrics)`, plus analytic FLOPs and device peaks.
 
 The state is a plain pytree {step, params, opt_state} so it can be sharded, donated
 and checkpointed as is. Gradient accumulation runs the micro-batches in a `scan`

@@ -4,7 +4,8 @@
     tok.require(*PRETRAIN_TOKENS)                  # one error naming every missing token
     ids = tok.encode("def f():\\n", allow_special=False)
 
-Train a byte-level BPE (with all the special tokens below) on local code:
+Train a byte-level BPE (with all the special tokens below) on local code: `train_tokenizer(texts,
+vocab_size)`, or from the command line (`__main__.py`):
 
     python -m sc_jax.tokenizer train --corpus DIR --vocab-size 4096 --out tokenizer.json
 
@@ -13,10 +14,8 @@ Token ids are never hard-coded: `tok.special["<fim_prefix>"]`, `tok.token_id("<f
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -27,13 +26,20 @@ EOS = "<|endoftext|>"
 FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD = "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"
 REPO_NAME, FILE_SEP = "<repo_name>", "<file_sep>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+# ChatML as a Hugging Face chat template (exports carry it, so apply_chat_template matches our SFT rendering).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 PRETRAIN_TOKENS = (EOS, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX, FIM_PAD, REPO_NAME, FILE_SEP)
 CHAT_TOKENS = (IM_START, IM_END)
 # What a trained tokenizer holds, in id order (<|endoftext|> = 0, as in StableLM).
 ALL_SPECIAL_TOKENS = PRETRAIN_TOKENS + CHAT_TOKENS
 MIN_VOCAB_SIZE = 256 + len(ALL_SPECIAL_TOKENS)  # a byte-level BPE: every byte, every special token
-_VOCAB_FLOOR = (f"a byte-level BPE needs at least {MIN_VOCAB_SIZE} "
+VOCAB_FLOOR = (f"a byte-level BPE needs at least {MIN_VOCAB_SIZE} "
                 f"(256 bytes + {len(ALL_SPECIAL_TOKENS)} special tokens)")
 TRAIN_COMMAND = "python -m sc_jax.tokenizer train --corpus DIR --vocab-size N --out tokenizer.json"
 _WHY = {EOS: "end of document", FIM_PREFIX: "fill-in-the-middle", FIM_MIDDLE: "fill-in-the-middle",
@@ -147,7 +153,7 @@ class Tokenizer:
 
 def build_bpe_trainer(vocab_size: int, *, min_frequency: int = 2, show_progress: bool = True):
     if vocab_size < MIN_VOCAB_SIZE:
-        raise TokenizerError(f"vocab_size {vocab_size} is too small: {_VOCAB_FLOOR}")
+        raise TokenizerError(f"vocab_size {vocab_size} is too small: {VOCAB_FLOOR}")
     tok = tokenizers.Tokenizer(models.BPE())
     # GPT-2/NeoX style byte-level BPE: every string round-trips exactly, no unknown tokens.
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
@@ -195,112 +201,3 @@ def iter_corpus_texts(corpus: str, *, languages=None, max_bytes: int = 0, max_fi
             break
     if bar is not None:
         bar.close()
-
-
-def _check_train_args(args) -> list[str]:
-    """Everything that can be checked before reading the corpus; returns the languages."""
-    from sc_jax.data.config import check_languages
-
-    if not os.path.isdir(args.corpus):
-        what = "is not a directory" if os.path.exists(args.corpus) else "does not exist"
-        raise TokenizerError(f"--corpus '{args.corpus}' {what}: give the directory of source code to train on")
-    if os.path.isdir(args.out):
-        raise TokenizerError(f"--out '{args.out}' is a directory: give a file path, e.g. "
-                             f"{os.path.join(args.out, 'tokenizer.json')}")
-    probe = os.path.dirname(os.path.abspath(args.out))
-    while not os.path.exists(probe):  # the directory made for --out grows from here
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK):
-        raise TokenizerError(f"--out '{args.out}' cannot be written ('{probe}' is "
-                             f"{'a file' if not os.path.isdir(probe) else 'not writable'}): give another path")
-    languages = [x for x in (args.languages or "").split(",") if x]
-    check_languages(languages, "--languages")
-    return languages
-
-
-def _train_cli(args) -> int:
-    languages = _check_train_args(args)
-    t0 = time.time()
-    stats: dict[str, int] = {}
-    tok, trainer = build_bpe_trainer(args.vocab_size, min_frequency=args.min_frequency, show_progress=not args.quiet)
-    texts = iter_corpus_texts(args.corpus, languages=languages, max_bytes=args.max_bytes, progress=not args.quiet,
-                              stats=stats)
-    tok.train_from_iterator(texts, trainer)
-    if not stats.get("files"):
-        raise TokenizerError(f"--corpus '{args.corpus}' has no usable code files (skipped: {_fmt(stats)}): point it "
-                             "at a directory of source files, or widen --languages")
-    _save_whole(tok, args.out)
-    wrapped = Tokenizer.from_file(args.out)
-    print(f"wrote {args.out}: vocab_size={wrapped.vocab_size} from {stats.get('files', 0)} files "
-          f"in {time.time() - t0:.1f}s (skipped: {_fmt({k: v for k, v in stats.items() if k != 'files'})})")
-    print("special tokens: " + ", ".join(f"{k}={v}" for k, v in wrapped.special.items()))
-    return 0
-
-
-def _save_whole(tok: tokenizers.Tokenizer, out: str) -> None:
-    """Writes next to `out` and moves it in: a failed run never leaves a partial tokenizer.json."""
-    out_dir = os.path.dirname(os.path.abspath(out))
-    os.makedirs(out_dir, exist_ok=True)
-    with _cli().scratch_dir(out_dir, ".tokenizer-") as tmp:
-        tok.save(os.path.join(tmp, "tokenizer.json"))
-        os.replace(os.path.join(tmp, "tokenizer.json"), out)
-
-
-def _fmt(d: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "none"
-
-
-def _cli():
-    from sc_jax.data import cli  # imported late: sc_jax.data imports this module
-
-    return cli
-
-
-def _parser():
-    """The command line (a function, so tests can read every option's help)."""
-    cli = _cli()
-    parser = cli.Parser(prog="python -m sc_jax.tokenizer", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,info}")
-    tr = sub.add_parser("train", help="train a byte-level BPE with the Stable Code special tokens on local code",
-                        description="Trains a byte-level BPE (GPT-2/NeoX style) on the code files under --corpus,\n"
-                                    f"with the special tokens (ids 0..{len(ALL_SPECIAL_TOKENS) - 1}):\n"
-                                    f"    {' '.join(ALL_SPECIAL_TOKENS)}\nExample:\n    {TRAIN_COMMAND}")
-    tr.add_argument("--corpus", required=True, metavar="DIR", help="directory of source code (walked recursively)")
-    tr.add_argument("--vocab-size", type=cli.whole_number(MIN_VOCAB_SIZE, _VOCAB_FLOOR), required=True, metavar="N",
-                    help=f"target vocabulary size, special tokens included (at least {MIN_VOCAB_SIZE})")
-    tr.add_argument("--out", required=True, metavar="FILE", help="output tokenizer.json path")
-    tr.add_argument("--languages", default="", metavar="LIST",
-                    help="comma-separated languages (default: the 18 default ones)")
-    tr.add_argument("--max-bytes", type=cli.whole_number(0), default=0, metavar="N",
-                    help="stop reading after this many characters (default: 0 = all)")
-    tr.add_argument("--min-frequency", type=cli.whole_number(0), default=2, metavar="N",
-                    help="minimum pair frequency for a merge")
-    tr.add_argument("--quiet", action="store_true", help="no progress bars")
-    info = sub.add_parser("info", help="print vocab size and special-token ids of a tokenizer.json",
-                          description="Prints the vocabulary size and the special-token ids of a tokenizer.")
-    info.add_argument("path", help="a tokenizer.json, or a directory holding one")
-    return parser
-
-
-def main(argv=None) -> int:
-    cli = _cli()
-    args = _parser().parse_args(argv)
-    try:
-        if args.command == "train":
-            return _train_cli(args)
-        tok = Tokenizer.from_file(args.path)
-        print(json.dumps({"path": tok.path, "vocab_size": tok.vocab_size, "special": tok.special}, indent=2))
-        missing = [t for t in PRETRAIN_TOKENS if t not in tok.special]
-        if missing:
-            print(f"missing for pretraining: {', '.join(missing)}")
-        return 0
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # an unwritable --out, a full disk
-        print(f"error: {cli.first_line(e)}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

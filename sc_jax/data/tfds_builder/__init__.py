@@ -1,19 +1,19 @@
 """TFDS builder: any of our sources -> ArrayRecord files, one record per repository.
 
-    python -m sc_jax.data.tfds_builder --source dir:/data/repos --source jsonl:/data/stack.jsonl \\
-        --data-dir /data/tfds [--holdout-fraction 0.01] [--languages python,java]
+    target, stats = build([SourceConfig(kind="dir", path="/data/repos")], "/data/tfds", holdout_fraction=0.01)
 
 writes /data/tfds/code_repositories/1.0.0/ (splits `train`, and `validation` with a holdout), read
-back without TensorFlow by `tfds.data_source` / a source `{kind: tfds, path: <that dir>}`.
+back without TensorFlow by `tfds.data_source` / a source `{kind: tfds, path: <that dir>}`. The
+command line is `python -m sc_jax.data.tfds_builder` (`__main__.py`).
 
 Each record: {"repo_name": str, "files": [{"path": str, "content": str, "language": str}]}, files
 already filtered and decoded (the same filters as the pipeline, so bad input is skipped and counted
 here once); records keep the source order (we shuffle in grain).
 
 The dataset is written to a temporary directory and moved in when complete: a failed build leaves
-nothing. A rerun into the same --data-dir keeps a dataset built from the same sources and settings
-(it does not look at whether their files changed: --overwrite rebuilds), and refuses one built from
-other sources or settings, naming what differs (use another --data-dir, or --overwrite).
+nothing. A build into a data_dir that already holds a dataset built from the same sources and
+settings keeps it (it does not look at whether their files changed: overwrite=True rebuilds), and
+refuses one built from other sources or settings, naming what differs.
 """
 
 from __future__ import annotations
@@ -22,14 +22,13 @@ import dataclasses
 import json
 import os
 import re
-import sys
+import tempfile
 
 import tensorflow_datasets as tfds
 from etils import epath
 
 from sc_jax.config import ConfigError
-from sc_jax.data.cli import Parser, first_line, fraction, scratch_dir, whole_number
-from sc_jax.data.config import LANGUAGE_EXTENSIONS, DataConfig, SourceConfig, check_languages
+from sc_jax.data.config import LANGUAGE_EXTENSIONS, DataConfig, SourceConfig
 from sc_jax.data.documents import holdout_value
 from sc_jax.data.sources import DataError, open_source
 
@@ -81,7 +80,7 @@ class CodeRepositories(tfds.core.GeneratorBasedBuilder):
             splits["validation"] = self._generate_examples("validation")
         return splits
 
-    # TFDS prints where it writes: a temporary directory (see `build`); `main` says where it ends up.
+    # TFDS prints where it writes: a temporary directory (see `build`); the command says where it ends up.
     def _log_download_bytes(self) -> None:
         pass
 
@@ -210,7 +209,10 @@ def build(sources: list[SourceConfig], data_dir: str, *, data_config: DataConfig
             return target, kept
     if quiet:
         tfds.disable_progress_bar()
-    with scratch_dir(data_dir, ".tfds_builder-") as tmp:
+    # beside the dataset's place (os.replace moves it in), in what of data_dir exists already (a failed build
+    # leaves no empty data_dir behind)
+    with tempfile.TemporaryDirectory(prefix=".tfds_builder-", dir=_existing_dir(data_dir),
+                                     ignore_cleanup_errors=True) as tmp:
         builder = CodeRepositories(sources=sources, data_config=cfg, holdout_fraction=holdout_fraction,
                                    data_dir=tmp, file_format="array_record")
         if not sum(src.num_repos() for src in builder.open_sources()):
@@ -234,76 +236,16 @@ def _prepare(builder: CodeRepositories) -> None:
         raise builder.empty_split_error(match.group(1)) from None
 
 
+def _existing_dir(path: str) -> str:
+    """`path` or its nearest ancestor that is a directory."""
+    path = os.path.abspath(path)
+    while not os.path.isdir(path):
+        path = os.path.dirname(path)
+    return path
+
+
 def _move_into_place(built: str, target: str, trash: str) -> None:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     if os.path.exists(target):  # --overwrite: the old dataset goes with the temporary directory
         os.replace(target, trash)
     os.replace(built, target)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _parse_sources(specs: list[str]) -> list[SourceConfig]:
-    sources = []
-    for spec in specs:
-        kind, sep, path = spec.partition(":")
-        if not sep or kind not in ("dir", "jsonl", "parquet"):
-            raise ConfigError(f"--source '{spec}' must be dir:PATH, jsonl:PATH or parquet:PATH")
-        if not path:
-            raise ConfigError(f"--source '{spec}' has no path: write {kind}:PATH")
-        sources.append(SourceConfig(kind=kind, path=os.path.expanduser(path)))
-    return sources
-
-
-def _parser() -> Parser:
-    head, rest = __doc__.split("\n\n", 1)
-    parser = Parser(prog="python -m sc_jax.data.tfds_builder", description=head, epilog=rest)
-    parser.add_argument("--source", action="append", required=True, metavar="KIND:PATH",
-                        help="dir:PATH, jsonl:PATH or parquet:PATH (repeatable)")
-    parser.add_argument("--data-dir", required=True, metavar="DIR", help="TFDS data_dir to write into")
-    parser.add_argument("--holdout-fraction", type=fraction, default=0.0, metavar="F",
-                        help="share of the repositories (by name hash) written to a `validation` split")
-    parser.add_argument("--languages", default="", metavar="LIST",
-                        help="comma-separated languages (default: the 18 default ones)")
-    parser.add_argument("--max-file-bytes", type=whole_number(0), default=DataConfig.max_file_bytes, metavar="N",
-                        help="larger files are skipped (0 = no limit)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace a dataset already in --data-dir that was built from other sources or settings")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    return parser
-
-
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if os.path.exists(args.data_dir) and not os.path.isdir(args.data_dir):
-            raise ConfigError(f"--data-dir '{args.data_dir}' is a file: give a directory")
-        sources = _parse_sources(args.source)
-        languages = [x for x in args.languages.split(",") if x]
-        check_languages(languages, "--languages")
-        cfg = DataConfig(sources=sources, languages=languages, max_file_bytes=args.max_file_bytes).validate()
-        path = dataset_dir(args.data_dir)
-        kept = None if args.overwrite else previous_build(path, build_settings(sources, cfg, args.holdout_fraction))
-        if kept is None:
-            path, stats = build(sources, args.data_dir, data_config=cfg, holdout_fraction=args.holdout_fraction,
-                                quiet=args.quiet, overwrite=args.overwrite)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # an unwritable --data-dir, a full disk
-        print(f"error: {first_line(e)}", file=sys.stderr)
-        return 2
-    if kept is None:
-        print(f"wrote {path}")
-    else:
-        stats = kept
-        print(f"kept {path}: already built from these sources and settings (--overwrite rebuilds it from the "
-              "files as they are now)")
-    print("statistics: " + ", ".join(f"{k}={v}" for k, v in sorted(stats.items())))
-    print(f"use it with: sources: [{{kind: tfds, path: {path}}}]")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The launcher scripts, defined once: a SLURM batch script and a TPU-pod script that run
+`python -m sc_jax.train` with some arguments. The sweep renders one job per point from them
+(sc_jax.sweep.jobs), and experiments/launch/ holds the same templates rendered for a config
+given on the command line (`launch_script(name)`; tests/test_experiments.py checks that the
+files there are exactly that). Both use the same variables: PYTHON, and for TPU pods
+TPU_NAME, TPU_ZONE, TPU_PROJECT, SC_JAX_DIR and SKIP_SETUP.
+
+A template's {{name}} is replaced by its value; a line that holds only an empty value goes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+SLURM = """#!/bin/bash
+{{about}}
+#SBATCH --job-name={{job_name}}
+{{resources}}
+#SBATCH --signal=TERM@120
+#SBATCH --output={{log}}
+# --signal: SIGTERM two minutes before the time limit (or a preemption): sc_jax.train saves a
+# checkpoint of the current step and exits; the same script, resubmitted or requeued, resumes it.
+set -euo pipefail
+{{arguments}}
+cd {{workdir}}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}  # NCCL over the cluster fabric; adjust for your site
+export SLURM_KILL_BAD_EXIT=1  # srun ends every task when one of them fails
+{{cache}}
+srun "${PYTHON:-python}" -m sc_jax.train {{train_args}}
+"""
+
+TPU = """#!/bin/bash
+{{about}}
+# Set TPU_NAME and TPU_ZONE (and TPU_PROJECT if not gcloud's default project). SC_JAX_DIR is the
+# repository checkout on the workers (default: sc_jax under the home directory); relative paths in
+# the arguments are relative to it. PYTHON is the workers' interpreter (e.g. a virtualenv's
+# bin/python). The run directory must be on storage all workers share (every worker writes
+# checkpoints), e.g. a GCS bucket mounted with gcsfuse or a Filestore path.
+set -euo pipefail
+: "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
+: "${TPU_ZONE:?set TPU_ZONE, e.g. us-central2-b}"
+SC_JAX_DIR="${SC_JAX_DIR:-sc_jax}"
+PYTHON="${PYTHON:-python3}"
+{{arguments}}
+ssh_all() {
+  gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$TPU_ZONE" ${TPU_PROJECT:+--project="$TPU_PROJECT"} \\
+    --worker=all --command="$1"
+}
+if [ "${SKIP_SETUP:-{{skip_setup}}}" != 1 ]; then  # copy this checkout to every worker and install it
+  gcloud compute tpus tpu-vm scp --recurse --zone="$TPU_ZONE" ${TPU_PROJECT:+--project="$TPU_PROJECT"} \\
+    --worker=all "$(git rev-parse --show-toplevel)" "$TPU_NAME:$SC_JAX_DIR"
+  ssh_all "cd $SC_JAX_DIR && $PYTHON -m pip install -q -r requirements.txt 'jax[tpu]'"
+fi
+ssh_all "cd $SC_JAX_DIR && {{cache}}$PYTHON -m sc_jax.train $ARGS" 2>&1 | tee -a {{log}}
+"""
+
+_GENERATED = ("# Rendered from sc_jax/sweep/templates.py, as the sweep's job scripts are: edit it there, then\n"
+              "#   python -c 'from sc_jax.sweep.templates import write_launch_scripts; write_launch_scripts()'")
+
+# experiments/launch/: the templates with the config and overrides from the command line.
+LAUNCH_SCRIPTS = {
+    "slurm_gpu.sbatch": (SLURM, {
+        "about": """\
+# SLURM batch script for GPU clusters: one process per GPU (8 per node here), each running
+# python -m sc_jax.train --config CONFIG [key=value ...] (PYTHON=... for another interpreter).
+# sc_jax.train calls jax.distributed.initialize() when SLURM_NTASKS > 1; JAX reads the
+# coordinator, process count and id from SLURM's environment. Each process feeds its own
+# share of the global batch.
+#
+#   sbatch --nodes=32 experiments/launch/slurm_gpu.sbatch experiments/configs/stage1.yaml
+#   sbatch --nodes=32 experiments/launch/slurm_gpu.sbatch experiments/configs/stage2.yaml train.micro_batches=2
+#
+# For one process per node (all 8 GPUs in one process) use --ntasks-per-node=1 --gpus-per-task=8.
+# --requeue: a preempted job starts the same command again, which resumes.
+""" + _GENERATED,
+        "job_name": "stable-code",
+        "resources": "#SBATCH --ntasks-per-node=8\n#SBATCH --gpus-per-task=1\n#SBATCH --cpus-per-task=12\n"
+                     "#SBATCH --requeue",
+        "log": "slurm-%j.out",
+        "arguments": 'CONFIG=${1:?usage: sbatch slurm_gpu.sbatch CONFIG [key=value ...]}\nshift',
+        "workdir": '"${SLURM_SUBMIT_DIR:-.}"',
+        "cache": "",
+        "train_args": '--config "$CONFIG" "$@"',
+    }),
+    "tpu_pod.sh": (TPU, {
+        "about": """\
+# Run sc_jax.train on every worker of a TPU pod slice. All workers run the same command,
+# python -m sc_jax.train --config CONFIG [key=value ...] (PYTHON, default python3, is the interpreter);
+# jax.distributed.initialize() finds the pod by itself (sc_jax.train calls it when it sees
+# TPU_WORKER_HOSTNAMES / MEGASCALE_COORDINATOR_ADDRESS), and each worker feeds its own
+# share of the global batch.
+#
+#   TPU_NAME=my-v5p-256 TPU_ZONE=us-east5-a ./experiments/launch/tpu_pod.sh \\
+#       experiments/configs/stage1.yaml mesh.fsdp=-1 train.run_dir=gs://bucket/stage1
+#
+# First this checkout is copied to every worker and its requirements installed there
+# (SKIP_SETUP=1 skips that). A preempted slice resumes when you rerun the same command.
+# The output of all workers goes to train-$TPU_NAME.log here.
+""" + _GENERATED,
+        "arguments": 'CONFIG=${1:?usage: tpu_pod.sh CONFIG [key=value ...]}\nshift\nARGS="--config $CONFIG $*"',
+        "skip_setup": "0",
+        "cache": "",
+        "log": '"train-$TPU_NAME.log"',
+    }),
+}
+
+
+def render(template: str, **values: str) -> str:
+    """`template` with every {{name}} replaced by values[name] (all of them given, none left over)."""
+    names = set(re.findall(r"{{(\w+)}}", template))
+    if names != set(values):
+        raise ValueError(f"template placeholders {sorted(names)} but values for {sorted(values)}")
+    text = re.sub(r"^{{(\w+)}}\n", lambda m: values[m[1]] + "\n" if values[m[1]] else "", template, flags=re.M)
+    return re.sub(r"{{(\w+)}}", lambda m: values[m[1]], text)
+
+
+def launch_script(name: str) -> str:
+    """experiments/launch/<name> as it must read."""
+    template, values = LAUNCH_SCRIPTS[name]
+    return render(template, **values)
+
+
+def write_launch_scripts(directory: str = "experiments/launch") -> None:
+    """Writes every launch script into `directory` (run from the repository root)."""
+    for name in LAUNCH_SCRIPTS:
+        path = os.path.join(directory, name)
+        with open(path, "w") as f:
+            f.write(launch_script(name))
+        os.chmod(path, 0o755)
