@@ -81,6 +81,10 @@ class DamagedCheckpoint(ConfigError):
     """A step directory that looks complete but does not read back."""
 
 
+class RestoreOutOfMemory(ConfigError):
+    """A checkpoint that does not fit where it is being restored: not damage."""
+
+
 def _damaged(directory: str, step: int, e: Exception) -> DamagedCheckpoint:
     return DamagedCheckpoint(f"checkpoint step {step} in {directory} could not be read "
                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
@@ -321,9 +325,17 @@ def restore_train_state(mngr: ocp.CheckpointManager, abstract_state: dict, log=p
     damaged, found = [], None
     for step in sorted(set(mngr.all_steps()) | set(valid_steps(str(mngr.directory))), reverse=True):
         restored, error = _restore_step(mngr, step, abstract_state, check_meta)
-        errors = gather_json(None if error is None else f"{type(error).__name__}: {_first_line(error)}")
-        if any(errors):  # a step is used only if every process read it
-            damaged.append((step, next(e for e in errors if e)))
+        # Every process learns every outcome, so all take the same branch (a failure inside
+        # orbax's own restore barrier on some hosts only can still stall them there).
+        outcomes = gather_json(None if error is None else [_is_resource_error(error),
+                                                           f"{type(error).__name__}: {_first_line(error)}"])
+        out_of_memory = [msg for o in outcomes if o and o[0] for msg in o[1:]]
+        if out_of_memory:
+            raise RestoreOutOfMemory(f"out of memory restoring checkpoint step {step} of {mngr.directory} "
+                                     f"({out_of_memory[0]}): resume on more devices or with more memory; the "
+                                     "checkpoints are left as they are")
+        if any(outcomes):  # a step is used only if every process read it
+            damaged.append((step, next(o[1] for o in outcomes if o)))
             continue
         found = restored
         break
@@ -357,8 +369,6 @@ def _restore_step(mngr, step: int, abstract_state: dict, check_meta) -> tuple[tu
             params=ocp.args.StandardRestore(abstract_state["params"]),
             opt_state=ocp.args.StandardRestore(abstract_state["opt_state"])))
     except Exception as e:
-        if _is_resource_error(e):
-            raise
         return None, e
     state = {"step": jax.device_put(np.asarray(meta["step"], np.int32), abstract_state["step"].sharding),
              "params": restored["params"], "opt_state": restored["opt_state"]}

@@ -14,7 +14,6 @@ Entry points (`__main__.py` and command-only modules) import this; library modul
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 
 
@@ -112,10 +111,3 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def nearest_existing(path: str) -> str:
-    """`path` made absolute, or its nearest ancestor that exists (a file or a directory): where a new
-    output at `path` would be created, so whether it can be is checked there before any work."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import os
 import types
 import typing
@@ -383,11 +382,6 @@ class ModelConfig:
         kwargs = {k: v for k, v in hf.items() if k in names}
         kwargs.update(ours)
         return from_dict(cls, kwargs).validate()
-
-    @classmethod
-    def from_hf_json(cls, path: str, **ours) -> "ModelConfig":
-        with open(path) as f:
-            return cls.from_hf_dict(json.load(f), **ours)
 
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")

@@ -73,3 +73,12 @@ def unused_path(path: str) -> str:
     while os.path.exists(candidate):
         candidate, n = f"{path}-{n}", n + 1
     return candidate
+
+
+def nearest_existing(path: str) -> str:
+    """`path` made absolute, or its nearest ancestor that exists (a file or a directory): where a new
+    output at `path` would be created, so whether it can be is checked there before any work."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path

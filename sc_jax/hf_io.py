@@ -132,11 +132,6 @@ def _write_stream(path: str, specs: list[TensorSpec], tensors: Iterator[tuple[st
             f.write(memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8)))
 
 
-def write_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict | None = None) -> None:
-    specs = [TensorSpec(name, tuple(a.shape), a.dtype) for name, a in tensors.items()]
-    _write_stream(path, specs, iter(tensors.items()), metadata)
-
-
 def plan_shards(specs: list[TensorSpec], max_shard_bytes: int) -> list[list[TensorSpec]]:
     """Consecutive groups of at most max_shard_bytes (a larger tensor gets a shard alone)."""
     shards: list[list[TensorSpec]] = [[]]

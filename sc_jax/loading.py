@@ -74,11 +74,6 @@ def find_tokenizer(path: str) -> str | None:
     return None
 
 
-def tokenizer_file(path: str) -> str:
-    """The tokenizer.json that `path` (a file, or a directory holding one) names."""
-    return os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
-
-
 def load_tokenizer(path: str, aliases: dict[str, str] | None = None):
     """A Tokenizer from a tokenizer.json or a directory holding one (`aliases`: other
     spellings of the special tokens, as `data.special_tokens`)."""

@@ -109,7 +109,10 @@ def test_kv_cache_decode_equals_full_forward(tmp_path):
     for t in range(16, 24):  # one token at a time
         logits, cache = decoder.decode_step(ids[:, t], positions[:, t], cache)
         steps.append(np.asarray(logits))
-    np.testing.assert_allclose(np.stack(steps, 1), full[:, 15:], rtol=1e-4, atol=1e-4)
+    # Every prompt position, too: a prefill of the first t tokens gives position t-1's logits.
+    prefixes = [np.asarray(decoder.prefill(ids[:, :t], positions[:, :t], jnp.ones((2, t), jnp.int32),
+                                           cache_len=32)[0]) for t in range(1, 16)]
+    np.testing.assert_allclose(np.stack(prefixes + steps, 1), full, rtol=1e-4, atol=1e-4)
 
 
 def test_scan_remat_and_unrolled_agree():

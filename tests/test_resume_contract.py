@@ -222,9 +222,22 @@ def test_running_out_of_memory_while_restoring_is_not_damage(finished, tmp_path,
         return real_restore(self, step, *a, args=args, **kw)
 
     monkeypatch.setattr(ocp.CheckpointManager, "restore", restore)
-    with pytest.raises(MemoryError):
+    with pytest.raises(ConfigError, match="out of memory restoring checkpoint step 4 .*the checkpoints are left"):
         train(run_dir)
     assert steps(run_dir) == [2, 4] and not (run_dir / "checkpoints" / "damaged").exists()
+
+
+def test_the_final_checkpoint_is_saved_before_the_final_evaluation(tmp_path, monkeypatch):
+    from sc_jax.train import hooks
+
+    def failing_evaluation(*args, **kwargs):
+        raise RuntimeError("the held-out data went away")
+
+    monkeypatch.setattr(hooks, "evaluate", failing_evaluation)
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="held-out data went away"):
+        train(run_dir, "train.steps=3", "train.eval_batches=1", "train.eval_every=3")  # checkpoint.every=2
+    assert steps(run_dir) == [2, 3]
 
 
 def test_stop_says_saved_only_when_a_checkpoint_was_saved(tmp_path, capsys):

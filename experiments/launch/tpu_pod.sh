@@ -18,10 +18,13 @@
 # the arguments are relative to it. PYTHON is the workers' interpreter (e.g. a virtualenv's
 # bin/python). The run directory must be on storage all workers share (every worker writes
 # checkpoints), e.g. a GCS bucket mounted with gcsfuse or a Filestore path.
+# (ZONE, PROJECT and REMOTE_DIR, the names of earlier versions, still work.)
 set -euo pipefail
+TPU_ZONE="${TPU_ZONE:-${ZONE:-}}"
+TPU_PROJECT="${TPU_PROJECT:-${PROJECT:-}}"
 : "${TPU_NAME:?set TPU_NAME to the TPU VM name}"
 : "${TPU_ZONE:?set TPU_ZONE, e.g. us-central2-b}"
-SC_JAX_DIR="${SC_JAX_DIR:-sc_jax}"
+SC_JAX_DIR="${SC_JAX_DIR:-${REMOTE_DIR:-sc_jax}}"
 PYTHON="${PYTHON:-python3}"
 CONFIG=${1:?usage: tpu_pod.sh CONFIG [key=value ...]}
 shift

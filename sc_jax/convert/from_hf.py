@@ -152,11 +152,11 @@ def _dotted_leaves(tree: dict, prefix: str = "") -> list[str]:
 class _HostBlocks:
     """make_array_from_callback's callback for one leaf: the layers this host's devices
     hold are read once, in the checkpoint's dtype, and each device gets its block of them
-    in the target dtype; the host copy is dropped after the last device's block."""
+    in the target dtype. The host copy lives as long as this object: one leaf's
+    make_array_from_callback call."""
 
     def __init__(self, hf: HFCheckpoint, leaf: Leaf, want):
         self.hf, self.leaf, self.dtype = hf, leaf, want.dtype
-        self.calls_left = len(want.sharding.addressable_devices_indices_map(leaf.shape))
         blocks = want.sharding.addressable_devices_indices_map(leaf.shape).values()
         if leaf.per_layer:  # the span of layers any local device holds
             held = [range(leaf.shape[0])[tuple(b)[0] if len(b) else slice(None)] for b in blocks]
@@ -174,8 +174,4 @@ class _HostBlocks:
             first = self.layers.start
             index = (slice(index[0].start - first if index[0].start is not None else None,
                            index[0].stop - first if index[0].stop is not None else None), *index[1:])
-        block = np.array(self._host[index], dtype=self.dtype)  # a copy: the device must not alias the host copy
-        self.calls_left -= 1
-        if self.calls_left == 0:
-            self._host = None
-        return block
+        return np.array(self._host[index], dtype=self.dtype)  # a copy: the device must not alias the host copy

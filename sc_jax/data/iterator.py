@@ -1,6 +1,7 @@
 """The one data iterator of every task: grain's iterator, plus counts, metrics and a JSON state.
 
-State (what a checkpoint keeps in meta["data_state"]):
+State (what a checkpoint keeps for each process in meta["data_states"]; process 0's also in
+meta["data_state"], the one key older code reads):
 
     {"version": 1, "task": "pretrain" | "sft" | "dpo", "grain": <grain's state, JSON-tagged>,
      "counters": [the task's CounterSet, in order], "metrics": {"batches": ..., ...},

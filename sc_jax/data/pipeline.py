@@ -250,9 +250,9 @@ def changes(saved: dict, now: dict) -> list[str]:
 
 
 def other_host(saved: dict, now: dict) -> str | None:
-    """The note for a state saved by another process of the same host count (a checkpoint keeps
-    one process's data state, process 0's): this process resumes near, not exactly at, its
-    position. None when the state is this process's own."""
+    """The note for a state saved by another process of the same host count (what a checkpoint
+    written by older code, which kept process 0's state only, gives every host): this process
+    resumes near, not exactly at, its position. None when the state is this process's own."""
     if "hosts" not in saved or saved["hosts"] == now["hosts"] or saved["hosts"][1] != now["hosts"][1]:
         return None
     return (f"data: this data state was saved by process {saved['hosts'][0]} of {saved['hosts'][1]} and is restored "

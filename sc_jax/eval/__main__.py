@@ -16,7 +16,8 @@ import os
 import sys
 import time
 
-from sc_jax.cli import Parser, bounded, nearest_existing
+from sc_jax.cli import Parser, bounded
+from sc_jax.fileio import nearest_existing
 from sc_jax.config import ConfigError
 from sc_jax.eval import execution, fim, humaneval, score
 from sc_jax.eval.execution import EvalError, SandboxConfig

@@ -21,7 +21,7 @@ from sc_jax.tokenizer import EOS, FILE_SEP, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 
 __all__ = ["Generator", "TokenGenerator", "GenerationStats", "load_generator", "cut_at_stop", "filter_logits",
            "greedy_pick", "sample", "INFILL_STOPS", "EOS", "FILE_SEP", "FIM_MIDDLE", "FIM_PREFIX", "FIM_SUFFIX",
-           "MIN_NEW_BUCKET", "MIN_PROMPT_BUCKET", "PREFILL_SCORES_BYTES", "STOP_CHECK_EVERY"]
+           "MIN_NEW_BUCKET", "MIN_PROMPT_BUCKET", "PREFILL_SCORES_BYTES", "STOP_CHECK_EVERY", "compute_dtype"]
 # These import JAX (seconds): loaded on first use, so that `cut_at_stop` (the evaluation
 # harness, scoring completions made elsewhere) starts at once.
 _LAZY = {"MIN_NEW_BUCKET": "generator", "MIN_PROMPT_BUCKET": "generator", "PREFILL_SCORES_BYTES": "generator",

@@ -27,8 +27,8 @@ from sc_jax.tokenizer import IM_END, IM_START, Tokenizer
 ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
-# The same template for Hugging Face `tokenizer_config.json` ("chat_template"), so
-# `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` matches `render_text`.
+# `sc_jax.tokenizer.CHAT_TEMPLATE` is the same layout for Hugging Face `tokenizer_config.json`,
+# so `tokenizer.apply_chat_template(messages, add_generation_prompt=True)` matches `render_text`.
 
 # Why a record was skipped (the keys of the iterator's `stats()["skipped"]`).
 SKIP_REASONS = ("bad_json", "not_object", "missing_field", "bad_message", "no_assistant", "empty_prompt",

@@ -15,7 +15,8 @@ import time
 
 import tokenizers
 
-from sc_jax.cli import Parser, first_line, nearest_existing, whole_number
+from sc_jax.cli import Parser, first_line, whole_number
+from sc_jax.fileio import nearest_existing
 from sc_jax.config import ConfigError
 from sc_jax.data.config import check_languages
 from sc_jax.tokenizer import (

@@ -38,7 +38,9 @@ def _interrupted_while_loading(*_):
     os._exit(130)
 
 
-if __name__ == "__main__":  # sc_jax.train's __init__ imports nothing heavy: this comes first
+# sc_jax.train's __init__ imports nothing heavy, so this comes before jax loads, under
+# `python -m sc_jax.train` and the `sc-train` console script (not when a test imports main).
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "sc-train":
     signal.signal(signal.SIGINT, _interrupted_while_loading)
 
 from sc_jax.cli import Parser  # noqa: E402

@@ -118,17 +118,23 @@ class ReportMetrics:
 
 
 class SaveCheckpoints:
-    """A checkpoint every checkpoint.every steps (added with that `every`), and one of the step
-    the loop ended at, unless that one is saved already."""
+    """A checkpoint every checkpoint.every steps and of train.steps itself, saved as the step is
+    dispatched (so the final one is queued before the final evaluation, and survives it), and
+    one of the step the loop stopped at early, unless that one is saved already. Added with
+    every=1: it decides which steps itself."""
 
     def __init__(self, trainer):
         self.t = trainer
 
     def __call__(self, info: StepInfo) -> None:
         t = self.t
-        if info.last and (info.step == t.start or info.step in t.mngr.all_steps()):
-            return  # nothing trained, or saved already
-        run_state.save(t.mngr, info.step, info.state, t.cfg, t.data.get_state(), force=info.last)
+        if info.last:
+            if info.step == t.start or info.step in t.mngr.all_steps():
+                return  # nothing trained, or saved already
+        elif info.step % t.cfg.checkpoint.every and info.step != t.steps:
+            return
+        final = info.last or info.step == t.steps
+        run_state.save(t.mngr, info.step, info.state, t.cfg, t.data.get_state(), force=final)
 
 
 class Evaluate:

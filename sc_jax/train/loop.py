@@ -27,7 +27,7 @@ def run(cfg, restart: bool = False) -> dict:
             hooks = Hooks()
             hooks.add_hook(report, every=1)
             if trainer.saving:
-                hooks.add_hook(SaveCheckpoints(trainer), every=cfg.checkpoint.every)
+                hooks.add_hook(SaveCheckpoints(trainer), every=1)
             if cfg.train.eval_batches:
                 hooks.add_hook(evaluation, every=cfg.train.eval_every)
             info = train_loop(trainer, hooks)
@@ -40,6 +40,7 @@ def train_loop(trainer: Trainer, hooks: Hooks) -> StepInfo:
     """Steps from where the run is to train.steps, or until it must stop (a signal,
     train.stop_after_steps); the hooks run after each step and once at the end."""
     info = StepInfo(trainer.start, trainer.state)
+    trainer.state = None  # the first step donates it: no reference to deleted buffers stays behind
     with trainer.activation_rules():
         for step in range(trainer.start + 1, trainer.steps + 1):
             state, metrics = trainer.step_fn(info.state, trainer.next_batch())  # the old state is donated

@@ -7,7 +7,7 @@ import os
 import time
 
 from sc_jax.config import ConfigError, dump_yaml
-from sc_jax.fileio import unused_path
+from sc_jax.fileio import nearest_existing, unused_path
 from sc_jax.multihost import sync
 
 
@@ -16,9 +16,7 @@ def checked_run_dir(path: str) -> str:
     run_dir = os.path.abspath(path)
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ConfigError(f"train.run_dir '{path}' is a file: point it at a directory")
-    parent = run_dir
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
+    parent = nearest_existing(run_dir)
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"train.run_dir '{path}': cannot write in {parent}")
     return run_dir

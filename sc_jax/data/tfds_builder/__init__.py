@@ -31,6 +31,7 @@ from sc_jax.config import ConfigError
 from sc_jax.data.config import LANGUAGE_EXTENSIONS, DataConfig, SourceConfig
 from sc_jax.data.documents import holdout_value
 from sc_jax.data.sources import DataError, open_source
+from sc_jax.fileio import nearest_existing
 
 _EXT_TO_LANG = {ext: lang for lang, exts in LANGUAGE_EXTENSIONS.items() for ext in exts}
 
@@ -209,9 +210,12 @@ def build(sources: list[SourceConfig], data_dir: str, *, data_config: DataConfig
             return target, kept
     if quiet:
         tfds.disable_progress_bar()
+    if not os.path.isdir(nearest_existing(data_dir)):
+        raise DataError(f"data_dir {data_dir} is under a file, {nearest_existing(data_dir)}: "
+                        "point it at a directory")
     # beside the dataset's place (os.replace moves it in), in what of data_dir exists already (a failed build
     # leaves no empty data_dir behind)
-    with tempfile.TemporaryDirectory(prefix=".tfds_builder-", dir=_existing_dir(data_dir),
+    with tempfile.TemporaryDirectory(prefix=".tfds_builder-", dir=nearest_existing(data_dir),
                                      ignore_cleanup_errors=True) as tmp:
         builder = CodeRepositories(sources=sources, data_config=cfg, holdout_fraction=holdout_fraction,
                                    data_dir=tmp, file_format="array_record")
@@ -234,14 +238,6 @@ def _prepare(builder: CodeRepositories) -> None:
         if match is None:
             raise
         raise builder.empty_split_error(match.group(1)) from None
-
-
-def _existing_dir(path: str) -> str:
-    """`path` or its nearest ancestor that is a directory."""
-    path = os.path.abspath(path)
-    while not os.path.isdir(path):
-        path = os.path.dirname(path)
-    return path
 
 
 def _move_into_place(built: str, target: str, trash: str) -> None:
