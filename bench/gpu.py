@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sc_jax import attention as A
 from sc_jax import model as M
 
 
@@ -27,13 +28,13 @@ def attention_parity(T=4096, B=2, H=32, D=80):
     for i in range(3):
         seg[:, cuts[i]:cuts[i + 1]] = i + 1
     seg = jnp.asarray(seg)
-    mask = M.AttentionMask.causal(seg)
+    mask = A.AttentionMask.causal(seg)
 
     def loss(f):
         return lambda q, k, v: (f(q, k, v).astype(jnp.float32) * w * (seg[..., None, None] > 0)).sum()
 
-    ref = lambda q, k, v: M.reference_attention(q, k, v, mask)  # noqa: E731
-    fused = lambda q, k, v: M.cudnn_attention(q, k, v, seg)  # noqa: E731
+    ref = lambda q, k, v: A.reference_attention(q, k, v, mask)  # noqa: E731
+    fused = lambda q, k, v: A.cudnn_attention(q, k, v, seg)  # noqa: E731
     rows = {}
     for name, f in (("reference", ref), ("cudnn", fused)):
         fwd = jax.jit(f)

@@ -22,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 from sc_jax import generate as G  # noqa: E402
 from sc_jax.generate import generator as token_generator  # noqa: E402
 from sc_jax.generate.__main__ import main as generate_main  # noqa: E402
+from sc_jax import attention as A  # noqa: E402
 from sc_jax import model as M  # noqa: E402
 from sc_jax.config import ConfigError  # noqa: E402
 from sc_jax.convert import hf_to_orbax, load_hf  # noqa: E402
@@ -133,7 +134,7 @@ def test_long_prompt_prefill_runs_in_query_blocks(tmp_path_factory, monkeypatch)
     _, short_gen, model = variant("stable-code", tmp_path_factory)
     cfg = dataclasses.replace(short_gen.cfg, max_position_embeddings=4096)
     seen = []
-    reference = M.reference_attention
+    reference = A.reference_attention
     monkeypatch.setattr(M, "reference_attention", lambda q, *a: seen.append(q.shape[1]) or reference(q, *a))
     gen = G.Generator(cfg, nnx.split(model)[1].to_pure_dict())
     ps = prompts(5, lengths=(1100, 40))  # left-padded to 2048: two query blocks

@@ -15,6 +15,7 @@ from flax import nnx
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from sc_jax import attention as A  # noqa: E402
 from sc_jax import model as M  # noqa: E402
 from sc_jax.config import ConfigError, ModelConfig, model_preset  # noqa: E402
 from sc_jax.convert import load_hf, save_hf  # noqa: E402
@@ -198,7 +199,7 @@ def test_convert_cli_round_trip_and_errors(tmp_path):
 
 def test_segment_offsets_in_cudnn_packed_layout():
     seg = jnp.asarray([[1, 1, 2, 2, 2, 0], [1, 2, 3, 4, 5, 6]])
-    lengths, starts = M.segment_offsets(seg, max_segments=4)
+    lengths, starts = A.segment_offsets(seg, max_segments=4)
     np.testing.assert_array_equal(lengths, [[2, 3, -1, -1], [1, 1, 1, 1]])
     np.testing.assert_array_equal(starts, [[0, 2, -1, -1, -1], [0, 1, 2, 3, -1]])
 
@@ -209,9 +210,9 @@ def test_chunked_attention_equals_reference_values_and_grads():
     q = jax.random.normal(ks[0], (B, T, H, D))
     k, v = (jax.random.normal(kk, (B, T, K, D)) for kk in ks[1:])
     seg = jnp.asarray(np.repeat([[1, 2, 3, 0]], B, 0).repeat(16, 1))
-    mask = M.AttentionMask(seg, seg, jnp.arange(T), jnp.arange(T))
-    ref = lambda q, k, v: M.reference_attention(q, k, v, mask)  # noqa: E731
-    chunked = lambda q, k, v: M.chunked_attention(q, k, v, mask, chunk=16)  # noqa: E731
+    mask = A.AttentionMask(seg, seg, jnp.arange(T), jnp.arange(T))
+    ref = lambda q, k, v: A.reference_attention(q, k, v, mask)  # noqa: E731
+    chunked = lambda q, k, v: A.chunked_attention(q, k, v, mask, chunk=16)  # noqa: E731
     np.testing.assert_allclose(chunked(q, k, v), ref(q, k, v), rtol=1e-5, atol=1e-5)
     grads = [jax.grad(lambda *a: (f(*a) ** 2).sum(), argnums=(0, 1, 2))(q, k, v) for f in (ref, chunked)]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), *grads)

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from sc_jax import model as M
+from sc_jax.attention import ATTENTION_CHUNK
 from sc_jax.config import DTYPES, ConfigError, ModelConfig
 from sc_jax.generate.sampling import sample
 
@@ -238,7 +239,7 @@ class TokenGenerator:
         prefill query block's fp32 scores [rows, H, min(P, 1024), P] under
         PREFILL_SCORES_BYTES (at 16k tokens on stable-code-3b one row's block is 2 GiB)."""
         P = _bucket(longest, MIN_PROMPT_BUCKET)
-        per_row = self.cfg.num_attention_heads * min(P, M.ATTENTION_CHUNK) * P * 4
+        per_row = self.cfg.num_attention_heads * min(P, ATTENTION_CHUNK) * P * 4
         rows = max(1, PREFILL_SCORES_BYTES // per_row)
         return max(1, min(self.batch_size, 1 << (rows.bit_length() - 1)))
 

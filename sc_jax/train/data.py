@@ -75,7 +75,7 @@ def global_placer(cfg, batch_sharding) -> Callable[[dict], dict]:
     attention a row packing more than model.max_segments documents is refused (it would be wrong)."""
     import jax
 
-    from sc_jax.model import use_cudnn
+    from sc_jax.attention import use_cudnn
 
     fused_attention = use_cudnn(cfg.model)
 
