@@ -270,10 +270,11 @@ class ModelConfig:
     # Ours (not in HF): numerics and execution.
     dtype: str = "float32"  # compute dtype: bfloat16 on accelerators
     param_dtype: str = "float32"  # master weights
-    attention: str = "auto"  # reference | chunked | cudnn | auto (chunked on GPU/TPU, reference on CPU)
-    remat: str = "none"  # none | full | dots | dots_no_batch
+    attention: str = "auto"  # ATTENTION_PATHS: auto picks the fused kernel of the backend
+    remat: str = "none"  # REMAT_POLICIES: what the backward pass keeps instead of recomputing
     scan_layers: bool = True
-    max_segments: int = 256  # packed documents per row the fused (cuDNN) attention path can take
+    max_segments: int = 32  # packed documents per row (the fused attention's static segment count)
+    loss_tile: int = 1024  # tokens per cross-entropy tile: the [B,T,V] logits never exist whole (0: untiled)
     preset: str | None = None  # a MODEL_PRESETS name; the other keys override it
 
     @staticmethod
@@ -311,8 +312,10 @@ class ModelConfig:
             raise ConfigError(f"rotary dims per head ({self.rotary_dim}) must be even: change partial_rotary_factor")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"model.remat '{self.remat}' unknown{_closest(self.remat, REMAT_POLICIES)}")
-        if self.attention not in ("reference", "chunked", "cudnn", "auto"):
-            raise ConfigError(f"model.attention '{self.attention}' must be reference, chunked, cudnn or auto")
+        if self.attention not in ATTENTION_PATHS:
+            raise ConfigError(f"model.attention '{self.attention}' must be one of {', '.join(ATTENTION_PATHS)}")
+        if self.loss_tile < 0:
+            raise ConfigError(f"model.loss_tile must be 0 (untiled) or a token count, got {self.loss_tile}")
         return self
 
     def num_params(self, include_embeddings: bool = True) -> int:
@@ -384,7 +387,9 @@ class ModelConfig:
         return from_dict(cls, kwargs).validate()
 
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# Fastest and most memory first (MaxText's names); dots and dots_no_batch are JAX's own policies.
+REMAT_POLICIES = ("none", "minimal", "save_dot_except_mlp", "save_qkv_proj", "full", "dots", "dots_no_batch")
+ATTENTION_PATHS = ("auto", "reference", "chunked", "cudnn", "splash")
 
 MODEL_PRESETS: dict[str, dict] = {
     "stable-code-3b": dict(rope_theta=1_000_000.0, max_position_embeddings=16384),

@@ -122,7 +122,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
 # name for the model keys, which are compared one by one.
 RESUME_SAFE = ("train.run_dir", "train.steps", "train.stop_after_steps", "train.log_every", "train.eval_every",
                "train.eval_batches", "train.on_nonfinite", "train.micro_batches", "model.remat", "model.attention",
-               "model.max_segments", "model.preset", "data.on_source_change", "mesh.", "checkpoint.", "logging.")
+               "model.max_segments", "model.loss_tile", "model.preset", "data.on_source_change", "mesh.", "checkpoint.", "logging.")
 
 
 def resume_safe(key: str) -> bool:
