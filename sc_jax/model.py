@@ -23,11 +23,22 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sc_jax.attention import AttentionMask, attend, cached_attention
+from jax.ad_checkpoint import checkpoint_name
+
+from sc_jax.attention import AttentionMask, attend, attention_path, cached_attention
 from sc_jax.config import DTYPES, ModelConfig
 from sc_jax.sharding import constrain
 
+# What each remat policy keeps for the backward pass (the rest is recomputed), by the
+# `checkpoint_name` tags in the layer: query_proj/key_proj/value_proj (after bias, qk norm
+# and rotary), context (the attention core's output), out_proj, mlpwi (gate and up), mlpwo.
+# When the attention core runs outside the recomputed region (every path but `reference`,
+# see `_run_layers`), q, k, v and the context are kept by that alone, whatever the policy.
+_SAVE = jax.checkpoint_policies.save_only_these_names
 REMAT = {
+    "minimal": _SAVE("query_proj", "key_proj", "value_proj", "context", "out_proj", "mlpwi", "mlpwo"),
+    "save_dot_except_mlp": _SAVE("query_proj", "key_proj", "value_proj", "context", "out_proj"),
+    "save_qkv_proj": _SAVE("query_proj", "key_proj", "value_proj"),
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -87,6 +98,11 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, mask, segment_ids=None):
         """x [B,T,E] -> ([B,T,E], this chunk's (k, v) [B,T,K,D], which the prefill caches)."""
+        q, k, v = self.qkv(x, positions)
+        return self.out(attend(self.cfg, q, k, v, mask, segment_ids)), (k, v)
+
+    def qkv(self, x, positions):
+        """x [B,T,E] -> q [B,T,H,D], k, v [B,T,K,D]: projected, biased, normed, rotated."""
         dt = DTYPES[self.cfg.dtype]
         x = x.astype(dt)
         q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
@@ -94,9 +110,13 @@ class Attention(nnx.Module):
         v = jnp.einsum("bte,ekd->btkd", x, self.v_proj[...].astype(dt))
         q, k, v = self._bias_norm_rotate(q, k, v, positions)
         q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
-        out = attend(self.cfg, q, k, v, mask, segment_ids)
-        out = jnp.einsum("bthd,hde->bte", out, self.o_proj[...].astype(dt))
-        return out, (k, v)
+        return checkpoint_name(q, "query_proj"), checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
+
+    def out(self, context):
+        """The attention core's output [B,T,H,D] -> [B,T,E]."""
+        dt = DTYPES[self.cfg.dtype]
+        context = checkpoint_name(context.astype(dt), "context")
+        return checkpoint_name(jnp.einsum("bthd,hde->bte", context, self.o_proj[...].astype(dt)), "out_proj")
 
     def step(self, x, positions, k_cache, v_cache, valid, index):
         """One token per row against the heads-major cache: writes its key/value at slot
@@ -145,10 +165,10 @@ class MLP(nnx.Module):
     def __call__(self, x):
         dt = self.dtype
         x = x.astype(dt)
-        gate = jnp.einsum("bte,em->btm", x, self.gate_proj[...].astype(dt))
-        up = jnp.einsum("bte,em->btm", x, self.up_proj[...].astype(dt))
+        gate = checkpoint_name(jnp.einsum("bte,em->btm", x, self.gate_proj[...].astype(dt)), "mlpwi")
+        up = checkpoint_name(jnp.einsum("bte,em->btm", x, self.up_proj[...].astype(dt)), "mlpwi")
         h = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"))
-        return jnp.einsum("btm,me->bte", h, self.down_proj[...].astype(dt))
+        return checkpoint_name(jnp.einsum("btm,me->bte", h, self.down_proj[...].astype(dt)), "mlpwo")
 
 
 class DecoderLayer(nnx.Module):
@@ -163,9 +183,22 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, positions, mask, segment_ids=None):
         """x [B,T,E] -> ([B,T,E], (k, v) [B,T,K,D])."""
-        h = self.input_layernorm(x)
-        attn, kv = self.self_attn(h, positions, mask, segment_ids)
-        return constrain(self._residual(x, h, attn), ("act_batch", "act_seq", "act_embed")), kv
+        q, k, v = self.attention_inputs(x, positions)
+        return self.finish(x, attend(self.self_attn.cfg, q, k, v, mask, segment_ids)), (k, v)
+
+    # The layer in two halves around the attention core, so that training can recompute
+    # each half under remat while the core (a fused kernel) runs once: see `_run_layers`.
+    def attention_inputs(self, x, positions):
+        """x [B,T,E] -> q [B,T,H,D], k, v [B,T,K,D]."""
+        return self.self_attn.qkv(self.input_layernorm(x), positions)
+
+    def finish(self, x, context):
+        """The layer's input x [B,T,E] and attention context [B,T,H,D] -> its output [B,T,E].
+        The parallel residual's normed input is recomputed here (a LayerNorm) rather than
+        carried from `attention_inputs`, so the recomputed halves share nothing but x."""
+        h = self.input_layernorm(x) if self.parallel else None
+        out = self._residual(x, h, self.self_attn.out(context))
+        return constrain(out, ("act_batch", "act_seq", "act_embed"))
 
     def step(self, x, positions, k_cache, v_cache, valid, index):
         """One token per row against the heads-major cache (see `Attention.step`):
@@ -210,11 +243,16 @@ class StableLmForCausalLM(nnx.Module):
                                   ("embed", "vocab"), DTYPES[cfg.param_dtype], None)
 
     def __call__(self, input_ids, positions=None, segment_ids=None):
-        """Runs the decoder over whole sequences (training, scoring); `DecodeModel` generates.
+        """Runs the decoder over whole sequences (scoring); `DecodeModel` generates, and
+        training takes `hidden_states` to tile the loss over tokens.
 
         input_ids [B,T] int; positions [B,T] (default arange); segment_ids [B,T] (packed
-        documents: attend within a segment only; 0 = padding).
+        documents: attend within a segment only; 0 = padding) -> logits [B,T,V] fp32.
         """
+        return self.logits(self.hidden_states(input_ids, positions, segment_ids))
+
+    def hidden_states(self, input_ids, positions=None, segment_ids=None):
+        """The same inputs -> the final normed hidden states [B,T,E], before the LM head."""
         cfg = self.config
         B, T = input_ids.shape
         if positions is None:
@@ -223,30 +261,54 @@ class StableLmForCausalLM(nnx.Module):
         x = self.model.embed_tokens(input_ids).astype(DTYPES[cfg.dtype])
         x = constrain(x, ("act_batch", "act_seq", "act_embed"))
         x = self._run_layers(x, positions, AttentionMask.causal(segs), segment_ids)
-        return self.logits(self.model.norm(x))
+        return self.model.norm(x)
 
     def logits(self, x):
-        """[B,T,E] hidden -> [B,T,V] fp32 logits (fp32 accumulation of the head matmul)."""
-        dt = DTYPES[self.config.dtype]
-        head = (self.model.embed_tokens.embedding[...].T if self.config.tie_word_embeddings else self.lm_head[...])
-        logits = jnp.einsum("bte,ev->btv", x.astype(dt), head.astype(dt), preferred_element_type=jnp.float32)
-        return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
+        """[B,T,E] hidden -> [B,T,V] fp32 logits."""
+        return head_logits(x, self.head(), self.config.dtype)
+
+    def head(self):
+        """The LM head [E,V] (the embedding's transpose when tied)."""
+        return self.model.embed_tokens.embedding[...].T if self.config.tie_word_embeddings else self.lm_head[...]
 
     def _run_layers(self, x, positions, mask, segment_ids):
-        """x [B,T,E] through every layer: one compiled layer under `scan`, or a Python loop."""
+        """x [B,T,E] through every layer: one compiled layer under `scan`, or a Python loop.
+
+        Under remat, the attention core of every path but `reference` stays outside the
+        recomputed region: each half of the layer is recomputed, the core runs once and
+        keeps its own residuals (q, k, v, its output and, for the fused kernels, the
+        [B,H,T] softmax statistics; `chunked` recomputes its score blocks by itself). The
+        reference core's residual is the [B,H,T,S] probabilities, so it is recomputed."""
         cfg = self.config
         graphdef, params = nnx.split(self.model.layers)
 
         def layer(x, layer_params):
             return nnx.merge(graphdef, layer_params)(x, positions, mask, segment_ids)[0], None
 
-        if cfg.remat != "none":
+        core = attention_path(cfg, x.shape[1], packed=segment_ids is not None)
+        if cfg.remat != "none" and core == "reference":
             layer = jax.checkpoint(layer, policy=REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)
+        elif cfg.remat != "none":
+            remat = lambda f: jax.checkpoint(f, policy=REMAT[cfg.remat], prevent_cse=not cfg.scan_layers)  # noqa: E731
+            first = remat(lambda x, p: nnx.merge(graphdef, p).attention_inputs(x, positions))
+            second = remat(lambda x, context, p: nnx.merge(graphdef, p).finish(x, context))
+
+            def layer(x, layer_params):
+                q, k, v = first(x, layer_params)
+                return second(x, attend(cfg, q, k, v, mask, segment_ids), layer_params), None
+
         if cfg.scan_layers:
             return jax.lax.scan(layer, x, params)[0]
         for i in range(cfg.num_hidden_layers):
             x, _ = layer(x, jax.tree.map(lambda a: a[i], params))
         return x
+
+
+def head_logits(x, head, dtype: str):
+    """x [B,T,E] hidden, head [E,V] -> [B,T,V] fp32 logits (fp32 accumulation of the matmul)."""
+    dt = DTYPES[dtype]
+    logits = jnp.einsum("bte,ev->btv", x.astype(dt), head.astype(dt), preferred_element_type=jnp.float32)
+    return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
 
 
 # ----------------------------------------------------------------------------- attention

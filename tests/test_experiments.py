@@ -44,10 +44,11 @@ def plan(*args):
 
 def test_plan_fits_and_does_not_fit():
     tiny = ["model.preset=tiny", "train.seq_len=64", "train.global_batch_size=8"]
-    ok = plan("--devices", "8", "--device-memory", "1", *tiny)
+    ok = plan("--devices", "8", "--device-memory", "1", "--remat-policies", "full", *tiny)
     assert ok.returncode == 0, ok.stderr
     assert "FITS" in ok.stdout and "fsdp': 8" in ok.stdout and "temporaries" in ok.stdout
-    no = plan("--devices", "8", "--device-memory", "0.0001", *tiny, "model.remat=none")
+    assert "model.remat policies" in ok.stdout and "none *" in ok.stdout and "\n  full " in ok.stdout
+    no = plan("--devices", "8", "--device-memory", "0.0001", "--remat-policies", "off", *tiny, "model.remat=none")
     assert no.returncode == 1 and "DOES NOT FIT" in no.stdout and "model.remat=full" in no.stdout
     bad = plan("--devices", "8", "--device-memory", "1", "model.remat=sometimes")
     assert bad.returncode == 2 and bad.stderr.startswith("error:") and "Traceback" not in bad.stderr

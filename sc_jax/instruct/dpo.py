@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from sc_jax.data.batches import BATCH_KEYS, PAIR_SIDES
-from sc_jax.train.step import forward, token_losses
+from sc_jax.train.step import batch_token_losses
 
 # The aux metrics, summed over valid pairs (the step divides by the number of pairs).
 METRICS = ("chosen_reward", "rejected_reward", "reward_accuracy", "reward_margin", "chosen_logp", "rejected_logp")
@@ -36,9 +36,8 @@ def sequence_logps(graphdef, params, batch: dict) -> tuple[jax.Array, jax.Array,
     """(logp_chosen [B], logp_rejected [B], valid [B]): summed answer log-probs (fp32) per pair;
     valid = both sides have answer tokens (padding rows do not)."""
     both = _interleave(batch)
-    logits = forward(graphdef, params, both)  # [2B,T,V] fp32
-    mask = both["loss_mask"].astype(jnp.float32)
-    logp = -(token_losses(logits, both["targets"]) * mask).sum(-1).reshape(-1, 2)
+    mask = both["loss_mask"].astype(jnp.float32)  # [2B,T]
+    logp = -(batch_token_losses(graphdef, params, both) * mask).sum(-1).reshape(-1, 2)
     has = (mask.sum(-1) > 0).reshape(-1, 2)
     return logp[:, 0], logp[:, 1], (has[:, 0] & has[:, 1]).astype(jnp.float32)
 

@@ -11,6 +11,11 @@ On the CPU the fused GPU attention kernel does not exist, so for an accelerator
 kind the plan compiles the query-chunked attention (model.attention=chunked),
 whose score memory is one [batch, heads, 1024, seq] block, close to what a flash
 kernel needs; pass model.attention=reference to plan the unfused path.
+
+It also compiles the step with each model.remat policy of --remat-policies and
+prints their memory side by side, marking which fit and the one expected fastest
+(the least recompute) among those that do. The exit code is the configured
+policy's: 0 fits, 1 does not, 2 bad input.
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ import subprocess
 import sys
 
 from sc_jax.cli import Parser
+from sc_jax.config import REMAT_POLICIES
 from sc_jax.plan import device_kinds, plan, report
+
+# The policies compared by default: MaxText's ladder, from no recompute to all; "dots" and
+# "dots_no_batch" (jax's generic policies) only on request, as they are near "minimal".
+DEFAULT_POLICIES = ("none", "minimal", "save_dot_except_mlp", "save_qkv_proj", "full")
 
 
 def _ensure_devices(n: int, argv: list[str]) -> bool:
@@ -46,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                              + " (default: %(default)s)")
     parser.add_argument("--mfu", type=float, default=0.4,
                         help="model FLOPs utilisation in (0, 1] assumed for the step time (default: %(default)s)")
+    parser.add_argument("--remat-policies", default=",".join(DEFAULT_POLICIES), metavar="LIST",
+                        help="model.remat policies to compile side by side (comma-separated), 'all' for every one "
+                             "(" + ", ".join(REMAT_POLICIES) + "), 'off' for none; the configured one is always "
+                             "among them (default: %(default)s)")
     parser.add_argument("--on-device", action="store_true",
                         help="compile for this machine's real devices instead of N fake CPU ones, "
                              "e.g. to check the plan on one GPU (default: off)")
@@ -69,9 +83,33 @@ def check_args(args) -> str | None:
         close = difflib.get_close_matches(args.device_kind.lower(), kinds, n=1, cutoff=0.7)
         hint = f"did you mean '{close[0]}'? " if close else ""
         return f"--device-kind '{args.device_kind}' is not a known device kind: {hint}known: {', '.join(kinds)}"
+    policies = remat_policies(args.remat_policies)
+    if isinstance(policies, str):
+        return policies
     if args.config is not None and not os.path.isfile(args.config):
         return f"--config '{args.config}' is not a file: pass a training YAML, e.g. experiments/configs/stage1.yaml"
     return None
+
+
+def remat_policies(text: str):
+    """--remat-policies as a tuple of names, or the error message (a str)."""
+    import difflib
+
+    text = text.strip()
+    if text == "off":
+        return ()
+    if text == "all":
+        return tuple(REMAT_POLICIES)
+    names = tuple(p.strip() for p in text.split(",") if p.strip())
+    for name in names:
+        if name not in REMAT_POLICIES:
+            close = difflib.get_close_matches(name, REMAT_POLICIES, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            return (f"--remat-policies: '{name}' is not a model.remat policy: {hint}known: {', '.join(REMAT_POLICIES)} "
+                    "(or 'all', 'off')")
+    if not names:
+        return "--remat-policies is empty: pass policy names, e.g. --remat-policies none,full, or 'off'"
+    return names
 
 
 def main(argv=None) -> int:
@@ -93,7 +131,11 @@ def main(argv=None) -> int:
         if not any(o.startswith("model.attention=") for o in overrides) and not args.on_device:
             overrides.append("model.attention=chunked")
         cfg = load_config(args.config, overrides)
-        r = plan(cfg, devices=args.devices, device_memory_gb=args.device_memory, device_kind=kind, mfu=args.mfu)
+        policies = remat_policies(args.remat_policies)
+        if policies:
+            policies = (*policies, cfg.model.remat)
+        r = plan(cfg, devices=args.devices, device_memory_gb=args.device_memory, device_kind=kind, mfu=args.mfu,
+                 remat_policies=policies)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,12 @@ given on the command line (`launch_script(name)`; tests/test_experiments.py chec
 files there are exactly that). Both use the same variables: PYTHON, and for TPU pods
 TPU_NAME, TPU_ZONE, TPU_PROJECT, SC_JAX_DIR and SKIP_SETUP.
 
+The GPU script also sets the launch environment (GPU_ENV: JAX's memory pool fraction and the
+XLA flags of GPU_XLA_FLAGS), each only where the user's environment leaves it unset, so
+`XLA_FLAGS=... sbatch ...` (or an empty XLA_FLAGS) replaces them. bench/mfu.py starts its
+measurements with the same values (`gpu_env_defaults`). The library itself sets neither:
+what a process runs with is the launcher's (or the user's) choice.
+
 A template's {{name}} is replaced by its value; a line that holds only an empty value goes.
 """
 
@@ -13,7 +19,52 @@ from __future__ import annotations
 import os
 import re
 
-SLURM = """#!/bin/bash
+# JAX preallocates 75% of GPU memory unless told otherwise; 0.9 is what NVIDIA's JAX-Toolbox
+# recommends for LLM training (MaxText's GPU configs use 0.85-0.94): XLA gets 90% and the
+# rest stays for the CUDA context, cuDNN/cuBLAS handles and NCCL's own buffers, which are
+# allocated outside XLA's pool.
+GPU_MEM_FRACTION = "0.9"
+
+# MaxText's XLA flags for GPU training (its configs/a3 llama2 scripts, NVIDIA JAX-Toolbox's
+# GPU performance guide), without the ones newer XLA removed (--xla_gpu_graph_level,
+# --xla_gpu_enable_triton_softmax_fusion: XLA refuses to start on an unknown flag, naming
+# it). Each with why; most matter only across GPUs (FSDP's gathers and reductions).
+GPU_XLA_FLAGS = (
+    ("--xla_gpu_enable_latency_hiding_scheduler=true",
+     "collectives (FSDP gathers, gradient reductions) overlap compute"),
+    ("--xla_gpu_enable_triton_gemm=false", "matmuls by cuBLAS rather than Triton-generated kernels"),
+    ("--xla_gpu_enable_highest_priority_async_stream=true", "collectives on the high-priority stream"),
+    ("--xla_gpu_all_reduce_combine_threshold_bytes=134217728", "fewer, bigger all-reduces (128 MiB)"),
+    ("--xla_gpu_all_gather_combine_threshold_bytes=134217728", "fewer, bigger all-gathers (128 MiB)"),
+    ("--xla_gpu_reduce_scatter_combine_threshold_bytes=67108864", "fewer, bigger reduce-scatters (64 MiB)"),
+    ("--xla_gpu_enable_pipelined_all_gather=true", "gather the next scanned layer's weights during this one"),
+    ("--xla_gpu_enable_pipelined_reduce_scatter=true", "reduce a layer's gradients during the next one"),
+    ("--xla_gpu_enable_pipelined_all_reduce=true", "the same for all-reduces"),
+    ("--xla_gpu_enable_while_loop_double_buffering=true", "double-buffer the layer scan, for that overlap"),
+    ("--xla_disable_hlo_passes=rematerialization",
+     "no recompute behind model.remat's back: over budget fails, not slows"),
+)
+
+
+def gpu_env_defaults() -> dict[str, str]:
+    """{variable: value} the GPU launchers set where the environment leaves them unset."""
+    return {"XLA_PYTHON_CLIENT_MEM_FRACTION": GPU_MEM_FRACTION,
+            "XLA_FLAGS": " ".join(flag for flag, _ in GPU_XLA_FLAGS)}
+
+
+def _gpu_env_lines() -> str:
+    """The SLURM script's lines that set GPU_ENV, one flag per line with its reason."""
+    lines = [f"export XLA_PYTHON_CLIENT_MEM_FRACTION=${{XLA_PYTHON_CLIENT_MEM_FRACTION:-{GPU_MEM_FRACTION}}}"
+             "  # JAX's GPU memory pool (default 0.75)",
+             "# XLA flags, from MaxText's GPU configs; an XLA_FLAGS of your own (even empty) replaces them all.",
+             'if [ -z "${XLA_FLAGS+set}" ]; then']
+    for i, (flag, why) in enumerate(GPU_XLA_FLAGS):
+        lines.append(f'  XLA_FLAGS{"+" if i else ""}="{" " if i else ""}{flag}"  # {why}')
+    lines += ["  export XLA_FLAGS", "fi"]
+    return "\n".join(lines)
+
+
+SLURM = ("""#!/bin/bash
 {{about}}
 #SBATCH --job-name={{job_name}}
 {{resources}}
@@ -24,12 +75,12 @@ SLURM = """#!/bin/bash
 set -euo pipefail
 {{arguments}}
 cd {{workdir}}
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+""" + _gpu_env_lines() + """
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}  # NCCL over the cluster fabric; adjust for your site
 export SLURM_KILL_BAD_EXIT=1  # srun ends every task when one of them fails
 {{cache}}
 srun "${PYTHON:-python}" -m sc_jax.train {{train_args}}
-"""
+""")
 
 TPU = """#!/bin/bash
 {{about}}
