@@ -135,7 +135,7 @@ def test_long_prompt_prefill_runs_in_query_blocks(tmp_path_factory, monkeypatch)
     cfg = dataclasses.replace(short_gen.cfg, max_position_embeddings=4096)
     seen = []
     reference = A.reference_attention
-    monkeypatch.setattr(M, "reference_attention", lambda q, *a: seen.append(q.shape[1]) or reference(q, *a))
+    monkeypatch.setattr(A, "reference_attention", lambda q, *a: seen.append(q.shape[1]) or reference(q, *a))
     gen = G.Generator(cfg, nnx.split(model)[1].to_pure_dict())
     ps = prompts(5, lengths=(1100, 40))  # left-padded to 2048: two query blocks
     outs, logits = gen.generate_ids(ps, max_new_tokens=3, stop_tokens=(), return_logits=True)
