@@ -85,7 +85,7 @@ class Ours:
         from sc_jax.train.step import flops_per_token
 
         self.jax = jax
-        overrides = [f"model.preset=tiny", f"model.vocab_size={spec['vocab']}", f"model.hidden_size={spec['hidden']}",
+        overrides = ["model.preset=tiny", f"model.vocab_size={spec['vocab']}", f"model.hidden_size={spec['hidden']}",
                      f"model.intermediate_size={spec['intermediate']}", f"model.num_hidden_layers={spec['layers']}",
                      f"model.num_attention_heads={spec['heads']}", f"model.num_key_value_heads={spec['heads']}",
                      f"model.max_position_embeddings={max(4096, spec['seq'])}", "model.rope_theta=10000.0",
@@ -280,6 +280,7 @@ def main(argv=None) -> int:
                    help="sc_jax.train config override for our side (repeatable), e.g. model.loss_tile=0")
     p.add_argument("--xla-flags", default=os.environ.get("XLA_FLAGS", ""),
                    help="XLA_FLAGS of our side (default: the environment's)")
+    p.add_argument("--src", default=REPO, help="the checkout our side imports sc_jax from (default: this one)")
     p.add_argument("--variant", action="append", default=[], metavar="'LABEL: TOKENS'",
                    help="another of ours in the same rounds: config overrides and --xla_ flags on top of the base")
     p.add_argument("--no-torch", action="store_true", help="ours (and the variants) only")
@@ -296,7 +297,7 @@ def main(argv=None) -> int:
     spec = {k: getattr(args, k) for k in ("layers", "hidden", "heads", "intermediate", "vocab", "seq", "batch",
                                           "threads", "torch_attn")}
     base_flags = args.xla_flags.split()
-    plan = [("sc_jax", "ours", args.ours, base_flags, REPO)]
+    plan = [("sc_jax", "ours", args.ours, base_flags, os.path.abspath(args.src))]
     for text in args.variant:
         label, overrides, flags, src = parse_variant(text)
         plan.append((label, "ours", args.ours + overrides, base_flags + flags, src))
