@@ -4,6 +4,7 @@
     python bench/generate.py --point [--hidden 512 --layers 8 --heads 8 --intermediate 1376 --vocab 50304
                               --batch 8 --prompt-len 64 --new-tokens 128 --repeats 3 --dtype float32]
     python bench/generate.py --point --preset stable-code-3b --dtype bfloat16 --no-hf   # ours alone (GPU)
+    python bench/generate.py --precisions [--batch 1 --precision-list float32,bfloat16,int8 + the size flags]
 
 Builds a random StableLM of the given size with `transformers`, saves it, converts it
 with sc_jax.convert.load_hf, and runs greedy generation of a batch of prompts of
@@ -21,6 +22,12 @@ torch): a decode step that runs these products cannot be faster than they are, s
 
 The grid (the default) runs the quick start's model (2.6M params) and a 77M model
 (vocab 50304) at batch 1 and 8 and prints one summary table.
+
+--precisions: the precision table. One random model of the size flags (default the 77M
+one) loaded as one sc_jax Generator per precision (fp32, bf16, weight-only int8), runs
+interleaved, best of --repeats: decode tokens/s, prefill tokens/s (the prompt tokens over
+the time of a 1-token run), the weights' resident bytes and each one's ratio to fp32,
+and how many greedy rows equal fp32's.
 """
 
 from __future__ import annotations
@@ -99,6 +106,8 @@ def parse_args(argv=None):
     p.add_argument("--no-matmuls", action="store_true", help="skip timing the matmuls alone")
     p.add_argument("--profile", action="store_true", help="also print sc_jax's most expensive XLA ops per step")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precisions", action="store_true", help="the precision table (fp32 / bf16 / int8) instead")
+    p.add_argument("--precision-list", default="float32,bfloat16,int8", help="the precisions of --precisions")
     return p.parse_args(argv)
 
 
@@ -227,15 +236,20 @@ def interleaved_best(runs: dict, repeats: int) -> tuple[dict, dict]:
     return {k: min(v) for k, v in times.items()}, outs
 
 
+def bench_prompts(args, vocab: int) -> tuple[np.ndarray, list[list[int]]]:
+    """(lengths, prompts): --batch random prompts from --prompt-len tokens down to half of it."""
+    rng = np.random.RandomState(args.seed)
+    lengths = np.linspace(args.prompt_len, max(1, args.prompt_len // 2), args.batch).astype(int)[::-1]
+    return lengths, [rng.randint(1, vocab, size=n).tolist() for n in lengths]
+
+
 def run_point(args, cfg) -> dict:
     """Times one (model, batch) point; prints its table; returns its numbers."""
     import jax
     import torch
 
     cfg, gen, hf = build(args, cfg)
-    rng = np.random.RandomState(args.seed)
-    lengths = np.linspace(args.prompt_len, max(1, args.prompt_len // 2), args.batch).astype(int)[::-1]
-    prompts = [rng.randint(1, cfg.vocab_size, size=n).tolist() for n in lengths]
+    lengths, prompts = bench_prompts(args, cfg.vocab_size)
     B, N = args.batch, args.new_tokens
     print(f"\nmodel: {cfg.num_params() / 1e6:.1f}M params (hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
           f"{cfg.num_attention_heads} heads, vocab {cfg.vocab_size}), {args.dtype}; batch {B}, prompts "
@@ -312,8 +326,63 @@ def model_config(args):
                        max_position_embeddings=4096).validate()
 
 
+def precision_table(args, cfg) -> list[dict]:
+    """The precision table: one Generator per precision on the same random weights, timed
+    interleaved; prints it and returns its rows."""
+    import jax
+    from flax import nnx
+
+    from sc_jax import model as M
+    from sc_jax.generate import Generator
+
+    params = nnx.split(M.create_model(dataclasses.replace(cfg, param_dtype="float32"), seed=args.seed))[1]
+    params = jax.device_get(params.to_pure_dict())  # numpy: each Generator puts its own copy
+    names = args.precision_list.split(",")
+    gens = {n: Generator(cfg, params, dtype=n, batch_size=args.batch) for n in names}
+    del params
+    lengths, prompts = bench_prompts(args, cfg.vocab_size)
+    B, N = args.batch, args.new_tokens
+    print(f"\nprecision table: {cfg.num_params() / 1e6:.1f}M params (hidden {cfg.hidden_size}, "
+          f"{cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}); batch {B}, prompts {lengths.min()}-{lengths.max()} "
+          f"tokens, {N} new tokens, greedy; jax {jax.__version__} on {jax.devices()[0].device_kind}; "
+          f"{len(os.sched_getaffinity(0))} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+    runs, compile_s = {}, {}
+    for name, gen in gens.items():
+        run = (lambda g: lambda n: g.generate_ids(prompts, max_new_tokens=n, stop_tokens=()))(gen)
+        compile_s[name] = timed(lambda: (run(N), run(1)))[0]
+        runs[name], runs[name + "_pre"] = (lambda r: lambda: r(N))(run), (lambda r: lambda: r(1))(run)
+    best, outs = interleaved_best(runs, args.repeats)
+    rows = []
+    for name, gen in gens.items():
+        total, pre = best[name], best[name + "_pre"]
+        same = sum(sum(a == b for a, b in zip(r, r0)) for r, r0 in zip(outs[name], outs[names[0]]))
+        rows.append({"precision": name, "decode": B * (N - 1) / max(total - pre, 1e-9),
+                     "prefill": sum(lengths) / pre, "weights": gen.weight_bytes, "same": same / (B * N),
+                     "compile": compile_s[name]})
+    base = rows[0]
+    print(f"| precision | decode tokens/s | x {names[0]} | prefill tokens/s | x {names[0]} | weights (MB) | "
+          f"x {names[0]} | greedy tokens = {names[0]}'s | compile (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['precision']} | {r['decode']:,.1f} | {r['decode'] / base['decode']:.2f}x | {r['prefill']:,.0f} | "
+              f"{r['prefill'] / base['prefill']:.2f}x | {r['weights'] / 1e6:,.1f} | {r['weights'] / base['weights']:.2f}x "
+              f"| {100 * r['same']:.0f}% | {r['compile']:.1f} |")
+    print(f"peak RSS of this process {peak_rss_gb():.2f} GB (all {len(gens)} models loaded at once); "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
+    return rows
+
+
+def peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.precisions:
+        precision_table(args, model_config(args))
+        return 0
     if args.point or args.preset or args.no_hf:
         run_point(args, model_config(args))
     else:

@@ -19,6 +19,8 @@ COMMANDS = {
     "tokenizer": "train a byte-level BPE with the FIM, repository and chat special tokens on local code",
     "data.inspect": "look at the rows the data pipeline feeds the model, and its statistics",
     "data.tfds_builder": "write code repositories (directories, JSONL, Parquet) as TFDS ArrayRecord files",
+    "instruct.dedup": "remove exact duplicates from SFT / DPO JSONL files, across files and inputs",
+    "instruct.evolve": "Evol-Instruct: evolve seed prompts (CodeAlpaca or SFT JSONL) with a checkpoint, resumable",
 }
 
 

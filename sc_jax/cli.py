@@ -14,6 +14,7 @@ Entry points (`__main__.py` and command-only modules) import this; library modul
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable
 
 
@@ -111,3 +112,17 @@ def first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+
+
+def exit_code_of(run: Callable[[], int]) -> int:
+    """A command's body run for its exit code: a ConfigError or OSError (the user's input, a file
+    that cannot be read or written) is one `error:` line and 2, Ctrl-C is 130."""
+    from sc_jax.config import ConfigError  # here: `--help` of every command stays light
+
+    try:
+        return run()
+    except (ConfigError, OSError) as e:
+        print(f"error: {first_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -40,7 +40,11 @@ def _remove_stale_temporaries(parent: str, base: str) -> None:
     prefix = f".tmp-{base}-"
     for name in os.listdir(parent):
         if name.startswith(prefix) and _owner_is_gone(name[len(prefix):]):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            path = os.path.join(parent, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
 
 
 @contextlib.contextmanager
@@ -64,6 +68,39 @@ def atomic_directory(out_dir: str):
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_new_file(out_path: str, force: bool = False) -> str:
+    """`out_path` made absolute, refused when it names a directory, or a file that exists
+    without `force`: checked before any work, and again by `atomic_file`."""
+    out_path = os.path.abspath(out_path)
+    if os.path.isdir(out_path):
+        raise ConfigError(f"output '{out_path}' is a directory: --out names the new file")
+    if os.path.exists(out_path) and not force:
+        raise ConfigError(f"output file '{out_path}' exists: choose a new --out, or pass --force to replace it")
+    return out_path
+
+
+@contextlib.contextmanager
+def atomic_file(out_path: str, force: bool = False):
+    """Yields the path of a temporary sibling of `out_path`, renamed to `out_path` only when the
+    block completes (replacing an existing file only with `force`): a crash or bad input
+    leaves nothing half-written behind, and a replaced file stays whole until then."""
+    out_path = check_new_file(out_path, force)
+    parent, base = os.path.split(out_path)
+    os.makedirs(parent, exist_ok=True)
+    _remove_stale_temporaries(parent, base)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{base}-{_host()}-{os.getpid()}-", dir=parent)
+    os.close(fd)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        check_new_file(out_path, force)  # nothing took the name meanwhile
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise
 
 

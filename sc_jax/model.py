@@ -16,7 +16,7 @@ D head_dim, M intermediate, V vocab, L layers.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -105,9 +105,7 @@ class Attention(nnx.Module):
         """x [B,T,E] -> q [B,T,H,D], k, v [B,T,K,D]: projected, biased, normed, rotated."""
         dt = DTYPES[self.cfg.dtype]
         x = x.astype(dt)
-        q = jnp.einsum("bte,ehd->bthd", x, self.q_proj[...].astype(dt))
-        k = jnp.einsum("bte,ekd->btkd", x, self.k_proj[...].astype(dt))
-        v = jnp.einsum("bte,ekd->btkd", x, self.v_proj[...].astype(dt))
+        q, k, v = (project(x, w[...], dt) for w in (self.q_proj, self.k_proj, self.v_proj))
         q, k, v = self._bias_norm_rotate(q, k, v, positions)
         q = constrain(q, ("act_batch", "act_seq", "act_heads", None))
         return checkpoint_name(q, "query_proj"), checkpoint_name(k, "key_proj"), checkpoint_name(v, "value_proj")
@@ -116,7 +114,7 @@ class Attention(nnx.Module):
         """The attention core's output [B,T,H,D] -> [B,T,E]."""
         dt = DTYPES[self.cfg.dtype]
         context = checkpoint_name(context.astype(dt), "context")
-        return checkpoint_name(jnp.einsum("bthd,hde->bte", context, self.o_proj[...].astype(dt)), "out_proj")
+        return checkpoint_name(project(context, self.o_proj[...], dt, contract=2), "out_proj")
 
     def step(self, x, positions, k_cache, v_cache, valid, index):
         """One token per row against the heads-major cache: writes its key/value at slot
@@ -125,18 +123,13 @@ class Attention(nnx.Module):
         x [B,1,E], positions [B], k/v_cache [B*K,S,D], valid [B*K,S] bool
         -> ([B,1,E], k_cache, v_cache)."""
         cfg, dt = self.cfg, DTYPES[self.cfg.dtype]
-        B, E = x.shape[0], x.shape[-1]
-        H, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        x = x[:, 0].astype(dt)
-        # [E,H,D] weights as [E,H*D] matrices: reshapes of contiguous arrays, no copies.
-        q = (x @ self.q_proj[...].astype(dt).reshape(E, H * D)).reshape(B, 1, H, D)
-        k = (x @ self.k_proj[...].astype(dt).reshape(E, K * D)).reshape(B, 1, K, D)
-        v = (x @ self.v_proj[...].astype(dt).reshape(E, K * D)).reshape(B, 1, K, D)
+        B, K, D = x.shape[0], cfg.num_key_value_heads, cfg.head_dim
+        q, k, v = (project(x, w[...], dt) for w in (self.q_proj, self.k_proj, self.v_proj))  # [B,1,H|K,D]
         q, k, v = self._bias_norm_rotate(q, k, v, positions[:, None])
         k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype).reshape(B * K, 1, D), (0, index, 0))
         v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype).reshape(B * K, 1, D), (0, index, 0))
-        out = cached_attention(q[:, 0], k_cache, v_cache, valid).astype(dt).reshape(B, H * D)
-        return (out @ self.o_proj[...].astype(dt).reshape(H * D, E))[:, None], k_cache, v_cache
+        context = cached_attention(q[:, 0], k_cache, v_cache, valid)  # [B,H,D]
+        return project(context, self.o_proj[...], dt, contract=2)[:, None], k_cache, v_cache
 
     def _bias_norm_rotate(self, q, k, v, positions):
         """The projections' biases, the per-head qk LayerNorms and rotary: q [B,T,H,D],
@@ -149,6 +142,46 @@ class Attention(nnx.Module):
         q = apply_rotary(q, positions, cfg.rotary_dim, cfg.rope_theta)
         k = apply_rotary(k, positions, cfg.rotary_dim, cfg.rope_theta)
         return q, k, v
+
+
+def project(x, kernel, dt, contract: int = 1):
+    """x [..., *in] @ kernel [*in, *out] -> [..., *out] in dt, over the last `contract` dims of x.
+
+    Run as one 2-D matmul [rows, prod(in)] @ [prod(in), prod(out)], as torch's Linear does:
+    XLA's CPU backend runs that faster than the einsum with batch and head dims kept
+    (bench/train.py). The reshapes are of contiguous arrays, and merged dims keep their
+    sharding (batch/seq rows, head columns), so meshes see the same dot."""
+    lead, inner, out = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:], kernel.shape[contract:]
+    rows = x.astype(dt).reshape(-1, int(np.prod(inner)))
+    if isinstance(kernel, Int8):  # the int8 values in the product, their scales on its output
+        y = (rows @ kernel.q.astype(dt).reshape(rows.shape[1], -1)) * kernel.scale.reshape(-1)
+        return y.astype(dt).reshape(*lead, *out)
+    return (rows @ kernel.astype(dt).reshape(rows.shape[1], -1)).reshape(*lead, *out)
+
+
+class Int8(NamedTuple):
+    """A weight-only int8 kernel, as `QuantizedKernel[...]` reads it: q [*in, *out] int8
+    and fp32 scales [*out], one per output channel, symmetric: the weight is q * scale.
+    A [V,E] table (embedding, transposed head) has its rows as output channels: scale [V]."""
+
+    q: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+
+class QuantizedKernel(nnx.Module):
+    """Stands in for a kernel Param in a weight-only int8 `DecodeModel`; `kernel[...]`
+    gives the `Int8` pair that `project`, `Embed` and `DecodeModel.logits` multiply by."""
+
+    def __init__(self, shape, scale_shape):
+        self.q = nnx.Param(jnp.zeros(shape, jnp.int8))
+        self.scale = nnx.Param(jnp.ones(scale_shape, jnp.float32))
+
+    def __getitem__(self, index):
+        return Int8(self.q[index], self.scale[index])
 
 
 class MLP(nnx.Module):
@@ -165,10 +198,10 @@ class MLP(nnx.Module):
     def __call__(self, x):
         dt = self.dtype
         x = x.astype(dt)
-        gate = checkpoint_name(jnp.einsum("bte,em->btm", x, self.gate_proj[...].astype(dt)), "mlpwi")
-        up = checkpoint_name(jnp.einsum("bte,em->btm", x, self.up_proj[...].astype(dt)), "mlpwi")
+        gate = checkpoint_name(project(x, self.gate_proj[...], dt), "mlpwi")
+        up = checkpoint_name(project(x, self.up_proj[...], dt), "mlpwi")
         h = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_seq", "act_mlp"))
-        return checkpoint_name(jnp.einsum("btm,me->bte", h, self.down_proj[...].astype(dt)), "mlpwo")
+        return checkpoint_name(project(h, self.down_proj[...], dt), "mlpwo")
 
 
 class DecoderLayer(nnx.Module):
@@ -221,7 +254,10 @@ class Embed(nnx.Module):
                                 ("vocab", "embed"), DTYPES[cfg.param_dtype], None)
 
     def __call__(self, ids):
-        return jnp.take(self.embedding[...], ids, axis=0)
+        table = self.embedding[...]
+        if isinstance(table, Int8):  # a row: its int8 values times its scale
+            return jnp.take(table.q, ids, axis=0).astype(jnp.float32) * jnp.take(table.scale, ids)[..., None]
+        return jnp.take(table, ids, axis=0)
 
 
 class StableLmModel(nnx.Module):
@@ -307,8 +343,9 @@ class StableLmForCausalLM(nnx.Module):
 def head_logits(x, head, dtype: str):
     """x [B,T,E] hidden, head [E,V] -> [B,T,V] fp32 logits (fp32 accumulation of the matmul)."""
     dt = DTYPES[dtype]
-    logits = jnp.einsum("bte,ev->btv", x.astype(dt), head.astype(dt), preferred_element_type=jnp.float32)
-    return constrain(logits, ("act_batch", "act_seq", "act_vocab"))
+    B, T, E = x.shape
+    logits = jnp.matmul(x.astype(dt).reshape(B * T, E), head.astype(dt), preferred_element_type=jnp.float32)
+    return constrain(logits.reshape(B, T, -1), ("act_batch", "act_seq", "act_vocab"))  # 2-D: see `project`
 
 
 # ----------------------------------------------------------------------------- attention
@@ -406,10 +443,21 @@ class DecodeModel(nnx.Module):
         cache = {"k": ks, "v": vs, "valid": valid, "index": index + 1}
         return self.logits(self.norm(x))[:, 0], cache
 
+    def score(self, input_ids, positions, segment_ids):
+        """Whole sequences through the prefill's layers (the held-out loss of a quantized
+        model): input_ids, positions, segment_ids [B,T] -> logits [B,T,V] fp32."""
+        x = self.embed_tokens(input_ids).astype(DTYPES[self.config.dtype])
+        mask = AttentionMask.causal(segment_ids)
+        for layer in self.layers:
+            x, _ = layer(x, positions, mask, segment_ids)
+        return self.logits(self.norm(x))
+
     def logits(self, x):
         """[B,T,E] final hidden -> [B,T,V] fp32 logits."""
         dt = DTYPES[self.config.dtype]
         head = self.embed_tokens.embedding[...] if self.config.tie_word_embeddings else self.lm_head_t[...]
+        if isinstance(head, Int8):  # [V,E] int8 rows, a scale per vocabulary row
+            return jnp.einsum("bte,ve->btv", x.astype(dt), head.q.astype(dt), preferred_element_type=jnp.float32) * head.scale
         return jnp.einsum("bte,ve->btv", x.astype(dt), head.astype(dt), preferred_element_type=jnp.float32)
 
 
@@ -419,24 +467,93 @@ def heads_major(x):
     return x.transpose(0, 2, 1, 3).reshape(B * K, T, D)
 
 
-def abstract_decode_model(cfg: ModelConfig) -> DecodeModel:
-    """The DecodeModel with ShapeDtypeStructs instead of arrays (its graph definition)."""
-    return nnx.eval_shape(lambda: DecodeModel(cfg, rngs=nnx.Rngs(0)))
+def abstract_decode_model(cfg: ModelConfig, weights: str | None = None) -> DecodeModel:
+    """The DecodeModel with ShapeDtypeStructs instead of arrays (its graph definition);
+    weights="int8": its kernels are `QuantizedKernel`s (see `quantize_decode_model`)."""
+    def build():
+        model = DecodeModel(cfg, rngs=nnx.Rngs(0))
+        if weights == "int8":
+            quantize_decode_model(model)
+        return model
+
+    return nnx.eval_shape(build)
 
 
-def decode_state(cfg: ModelConfig, params: dict) -> nnx.State:
+# Each quantized kernel of a DecodeModel: (its path in the model, its contracted (input) axes).
+# LayerNorms and biases stay in the compute dtype: they are a rounding error of the bytes.
+QUANTIZED_KERNELS = {("embed_tokens", "embedding"): (1,), ("lm_head_t",): (1,)}
+LAYER_KERNELS = {("self_attn", "q_proj"): (0,), ("self_attn", "k_proj"): (0,), ("self_attn", "v_proj"): (0,),
+                 ("self_attn", "o_proj"): (0, 1), ("mlp", "gate_proj"): (0,), ("mlp", "up_proj"): (0,),
+                 ("mlp", "down_proj"): (0,)}
+
+
+def _quantized_kernels(cfg: ModelConfig) -> dict:
+    """{path in a DecodeModel's pure state: contracted axes} of every kernel int8 holds."""
+    paths = {p: a for p, a in QUANTIZED_KERNELS.items() if p != ("lm_head_t",) or not cfg.tie_word_embeddings}
+    for i in range(cfg.num_hidden_layers):
+        paths.update({("layers", i, *p): a for p, a in LAYER_KERNELS.items()})
+    return paths
+
+
+def quantize_decode_model(model: DecodeModel) -> None:
+    """Swaps every kernel of `model` for a `QuantizedKernel` of its shape (in place)."""
+    for path, contracted in _quantized_kernels(model.config).items():
+        parent = model
+        for name in path[:-1]:
+            parent = parent[name] if isinstance(name, int) else getattr(parent, name)
+        shape = getattr(parent, path[-1]).shape
+        setattr(parent, path[-1], QuantizedKernel(shape, tuple(n for a, n in enumerate(shape) if a not in contracted)))
+
+
+def quantize_int8(w, contracted) -> tuple[np.ndarray, np.ndarray]:
+    """A float kernel -> (int8 values, fp32 scales over the axes not in `contracted`):
+    symmetric, per output channel, scale = max|w| / 127 (1 for an all-zero channel), so
+    |w - q * scale| <= scale / 2 in every channel."""
+    w = np.asarray(w, np.float32)
+    amax = np.abs(w).max(axis=tuple(contracted), keepdims=True)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
+    return q, np.squeeze(scale, axis=tuple(contracted))
+
+
+def decode_state(cfg: ModelConfig, params: dict, weights: str | None = None) -> nnx.State:
     """StableLmForCausalLM's pure parameter dict (stacked layers; numpy or jax arrays) ->
-    the DecodeModel's state on the default device, in cfg.param_dtype."""
+    the DecodeModel's state on the default device, in cfg.param_dtype; weights="int8":
+    its kernels quantized (`quantize_int8`), one tensor at a time, so that no float copy
+    of them is put on the device."""
     dtype = jnp.dtype(DTYPES[cfg.param_dtype])
     put = lambda a: jnp.asarray(a if isinstance(a, jax.Array) else np.asarray(a), dtype=dtype)  # noqa: E731
     layers = params["model"]["layers"]
     pure = {"embed_tokens": params["model"]["embed_tokens"], "norm": params["model"]["norm"],
-            "layers": {i: jax.tree.map(lambda a: a[i], layers) for i in range(cfg.num_hidden_layers)}}
+            "layers": {i: jax.tree.map(lambda a, i=i: _Slice(a, i), layers) for i in range(cfg.num_hidden_layers)}}
     if not cfg.tie_word_embeddings:
-        pure["lm_head_t"] = np.asarray(params["lm_head"]).T
-    state = nnx.state(abstract_decode_model(cfg))
-    state.replace_by_pure_dict(jax.tree.map(put, pure))
+        pure["lm_head_t"] = _Slice(params["lm_head"], None)
+    kernels = _quantized_kernels(cfg) if weights == "int8" else {}
+
+    def place(path, a):
+        names = tuple(k.key if hasattr(k, "key") else k.idx for k in path)
+        a = a.get() if isinstance(a, _Slice) else a
+        if names not in kernels:
+            return put(a)
+        q, scale = quantize_int8(a, kernels[names])
+        return {"q": jnp.asarray(q), "scale": jnp.asarray(scale)}
+
+    state = nnx.state(abstract_decode_model(cfg, weights))
+    state.replace_by_pure_dict(jax.tree_util.tree_map_with_path(place, pure, is_leaf=lambda a: isinstance(a, _Slice)))
     return state
+
+
+class _Slice:
+    """One layer's slice of a stacked array (index None: the [E,V] head as [V,E]), taken
+    when its turn comes: `decode_state` holds one converted tensor at a time."""
+
+    def __init__(self, array, index):
+        self.array, self.index = array, index
+
+    def get(self):
+        if self.index is None:
+            return np.asarray(self.array).T
+        return self.array[self.index]
 
 
 # ----------------------------------------------------------------------------- helpers

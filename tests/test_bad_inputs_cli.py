@@ -90,6 +90,7 @@ ROWS = [
     generate("top-p-over-1", ["--prompt", "x", "--top-p", "1.5"], ("--top-p", "1.5")),
     generate("negative-top-k", ["--prompt", "x", "--top-k", "-1"], ("--top-k", "0 or more", "--top-k 50")),
     generate("negative-seed", ["--prompt", "x", "--seed", "-1"], ("--seed", "[0, 2**32)")),
+    generate("unknown-dtype", ["--prompt", "x", "--dtype", "int3"], ("--dtype", "'int3'", "int8", "bfloat16")),
     generate("missing-ckpt", ["--prompt", "x"], ("--ckpt 'model'", "does not exist", "hugging face model directory"),
              setup=None),
     generate("ckpt-is-a-file", ["--prompt", "x"], ("is a file", "hugging face model directory"),

@@ -116,10 +116,71 @@ def damaged_only_step(models):
     return setup
 
 
+def small_tokenizer(size=100, pre=None, specials=("<|endoftext|>", "<fim_prefix>"), name="tok.json"):
+    """A byte-level BPE tokenizer.json of `size` tokens (the tiny models have 128 rows)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    def setup(d):
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())[:size - len(specials)]
+        tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+        tok.pre_tokenizer = pre or pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.add_special_tokens(list(specials))
+        tok.save(os.path.join(d, name))
+    return setup
+
+
+def both(*setups):
+    def setup(d):
+        for s in setups:
+            s(d)
+    return setup
+
+
+def existing_file(name):
+    def setup(d):
+        with open(os.path.join(d, name), "w") as f:
+            f.write("someone's model")
+    return setup
+
+
+def gguf_rows(models):
+    from tokenizers import pre_tokenizers
+
+    G = ["orbax-to-gguf", "--ckpt", "in", "--out", "out.gguf"]
+    GT = [*G, "--tokenizer", "tok.json"]
+    HG = ["hf-to-gguf", "--hf", "in", "--out", "out.gguf", "--tokenizer", "tok.json"]
+    orbax = copy_model(models, "orbax")
+    return [
+        BadInput("gguf: missing --ckpt", "sc_jax.convert", G, ("'in'", "does not exist"), leaves=("out.gguf",)),
+        BadInput("gguf: unknown --type", "sc_jax.convert", [*GT, "--type", "q3_k"], ("--type", "invalid choice"),
+                 both(orbax, small_tokenizer()), leaves=("out.gguf",)),
+        BadInput("gguf: --out exists without --force", "sc_jax.convert", GT, ("exists", "--force"),
+                 both(orbax, small_tokenizer(), existing_file("out.gguf"))),
+        BadInput("gguf: --out is a directory", "sc_jax.convert", GT, ("is a directory",),
+                 both(orbax, small_tokenizer(), lambda d: os.makedirs(os.path.join(d, "out.gguf")))),
+        BadInput("gguf: no tokenizer beside the checkpoint", "sc_jax.convert", G, ("no tokenizer found", "--tokenizer"),
+                 orbax, leaves=("out.gguf",)),
+        BadInput("gguf: tokenizer bigger than the model's vocabulary", "sc_jax.convert", GT,
+                 ("200 tokens", "128 embedding rows", "--tokenizer"), both(orbax, small_tokenizer(200)),
+                 leaves=("out.gguf",)),
+        BadInput("gguf: a pre-tokenizer llama.cpp cannot express", "sc_jax.convert", GT,
+                 ("pre-tokenizer", "llama.cpp"), both(orbax, small_tokenizer(pre=pre_tokenizers.Whitespace())),
+                 leaves=("out.gguf",)),
+        BadInput("gguf: tokenizer without <|endoftext|>", "sc_jax.convert", GT, ("<|endoftext|>",),
+                 both(orbax, small_tokenizer(specials=("<fim_prefix>",))), leaves=("out.gguf",)),
+        BadInput("gguf: the only step is damaged", "sc_jax.convert", GT, ("checkpoint step 0", "could not be read"),
+                 both(damaged_only_step(models), small_tokenizer()), leaves=("out.gguf",)),
+        BadInput("hf-to-gguf: a llama checkpoint", "sc_jax.convert", HG, ("model_type 'llama'",),
+                 both(copy_model(models, "llama"), small_tokenizer()), leaves=("out.gguf",)),
+        BadInput("hf-to-gguf: missing --hf", "sc_jax.convert", HG, ("'in'", "not found"), small_tokenizer(),
+                 leaves=("out.gguf",)),
+    ]
+
+
 def rows(models):
     H = ["hf-to-orbax", "--hf", "in", "--out", "out"]
     O = ["orbax-to-hf", "--ckpt", "in", "--out", "out"]
-    return [
+    return [*gguf_rows(models),
         BadInput("llama config over StableLM tensors", "sc_jax.convert", H, ("model_type 'llama'", "stablelm"),
                  edited_config(models, model_type="llama", architectures=["LlamaForCausalLM"]), leaves=("out",)),
         BadInput("intermediate_size disagrees with the tensors", "sc_jax.convert", H,

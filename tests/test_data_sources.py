@@ -184,7 +184,8 @@ def test_weighted_mixture(tmp_path, tokenizer_path, tok):
     prose.write_text("".join(json.dumps({"text": f"Paragraph {i}. Words and more words.\n"}) + "\n" for i in range(50)))
     code = SourceConfig(kind="dir", path=STDLIB, layout="repos", include=["json", "dbm"], weight=0.8)
     nl = SourceConfig(kind="jsonl", path=str(prose), weight=0.2, document="file", fim_rate=0.0, languages=["*"])
-    cfg = DataConfig(sources=[code, nl], tokenizer=tokenizer_path, document="file")
+    # Weights per document drawn (data.weight_unit=tokens: tests/test_mixture_tokens.py).
+    cfg = DataConfig(sources=[code, nl], tokenizer=tokenizer_path, document="file", weight_unit="documents")
     ds, _ = build_document_dataset(cfg, seed=0, train=True)
     kinds = collections.Counter()
     for i in range(200):

@@ -244,7 +244,7 @@ def test_run_many_keeps_order_and_counts(capsys):
     res = run_many(programs, workers=2, config=FAST, progress=True, desc="t")
     assert [r.status for r in res] == ["failed", "passed", "passed"] * 3 + ["timeout"]
     assert res[4].stdout == "4\n"
-    assert ex.status_counts(res) == {"passed": 6, "failed": 3, "timeout": 1, "error": 0}
+    assert ex.status_counts(res) == {"passed": 6, "failed": 3, "timeout": 1, "error": 0, "compile_error": 0}
     assert "t" in capsys.readouterr().err  # progress on stderr
     with pytest.raises(ex.UnknownLanguageError):
         run_many([("cobol", "x")], workers=1, progress=False)

@@ -14,6 +14,8 @@ MAX_FUNCTION_LINES = 80
 # Entry points that are plain modules, not a package's __main__.py: run as commands, imported by nothing.
 COMMAND_ONLY = {
     "sc_jax.data.inspect",  # python -m sc_jax.data.inspect
+    "sc_jax.instruct.dedup",  # python -m sc_jax.instruct.dedup
+    "sc_jax.instruct.evolve",  # python -m sc_jax.instruct.evolve
     "sc_jax.eval._launcher",  # run by path (python -I -S _launcher.py) inside the sandbox
 }
 # The argparse plumbing every command shares: for entry points only.

@@ -16,6 +16,10 @@ DOCUMENT_KINDS = ("repository", "file")
 PACKING_KINDS = ("concat", "first_fit")
 ON_SOURCE_CHANGE = ("error", "warn")
 DIR_LAYOUTS = ("auto", "repos", "repo")
+WEIGHT_UNITS = ("tokens", "documents")
+# What `weight_unit` meant before the key existed: a saved config or iterator state without it was
+# mixed by documents, and resumes so (sc_jax.data.pipeline.changes, sc_jax.train.config).
+LEGACY_WEIGHT_UNIT = "documents"
 
 # Language name -> file extensions (lower case). Names follow The Stack's `lang` column, lower-cased.
 LANGUAGE_EXTENSIONS: dict[str, tuple[str, ...]] = {
@@ -89,13 +93,14 @@ class SourceConfig:
 
     kind: str = "dir"  # dir | jsonl | parquet | tfds
     path: str = ""  # a directory, a file, or a glob (jsonl/parquet); tfds: a dataset dir or a data_dir
-    weight: float = 1.0  # mixture weight, per document drawn
+    weight: float = 1.0  # mixture weight: its share of the tokens (or documents: data.weight_unit)
     name: str = ""  # label in statistics (default: basename of path)
     # dir: "repos" = each subdirectory a repository (top-level files form one more), "repo" = the
     # directory itself is one repository, "auto" = "repos" unless files sit at the top level.
     layout: str = "auto"
     include: list[str] = dataclasses.field(default_factory=list)  # dir: glob patterns on repository names
-    # jsonl/parquet column names; "" = auto-detect among The Stack's spellings.
+    # jsonl/parquet column names; "" = auto-detect among The Stack's spellings. jsonl content_key
+    # "messages": SFT records read as text (sources.chat_text), e.g. an evolved instruction set.
     content_key: str = ""
     repo_key: str = ""
     path_key: str = ""
@@ -131,6 +136,17 @@ class DataConfig:
     # nothing), "warn" logs what changed and continues on the new data (the order from there on
     # is not the saved run's: some inputs of the current epoch repeat, others are skipped).
     on_source_change: str = "error"
+    # What the source weights share out: "tokens" (the paper's sense: 0.8 code = 80% of the training
+    # tokens, whatever the document lengths) or "documents" (80% of the documents drawn). Tokens:
+    # each source's tokens per unit are estimated at start-up from `weight_sample` of its units
+    # (drawn by the seed, the same on every host and resume) and the draw rates set to weight / that.
+    weight_unit: str = "tokens"
+    weight_sample: int = 256
+    # SFT/DPO: drop exact duplicates (whitespace and role spellings normalised), across files and
+    # sources, keeping the first in source order (sc_jax.instruct.duplicates). The seen hashes go
+    # to an on-disk index in `dedup_dir` ("" = the system's temporary directory).
+    dedup: bool = False
+    dedup_dir: str = ""
 
     # Documents
     document: str = "repository"  # repository | file
@@ -178,11 +194,13 @@ class DataConfig:
         check_choice("data.document", self.document, DOCUMENT_KINDS)
         check_choice("data.packing", self.packing, PACKING_KINDS)
         check_choice("data.on_source_change", self.on_source_change, ON_SOURCE_CHANGE)
+        check_choice("data.weight_unit", self.weight_unit, WEIGHT_UNITS)
         for key in ("fim_rate", "spm_rate", "fim_repo_rate"):
             check_rate(f"data.{key}", getattr(self, key))
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ConfigError(f"data.holdout_fraction = {self.holdout_fraction} must be within [0, 1)")
-        for key in ("repo_orders", "first_fit_bins", "read_threads", "read_buffer", "worker_buffer_size"):
+        for key in ("repo_orders", "first_fit_bins", "read_threads", "read_buffer", "worker_buffer_size",
+                    "weight_sample"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key} = {getattr(self, key)} must be at least 1")
         for key in ("num_workers", "max_file_bytes", "max_line_length", "max_repo_bytes"):

@@ -6,7 +6,8 @@
 --config is a training YAML with a top-level `data:` section (seq_len then comes from `train.seq_len`
 unless --seq-len is given) or a YAML holding only data keys. Prints a few packed rows decoded with
 the special tokens visible, then statistics over --batches batches: tokens/s, fill rate, FIM
-fraction, documents per row, and the files skipped and why.
+fraction, documents per row, the files skipped and why, and per source the target share of the
+mixture (data.weight_unit: tokens or documents) and the realised share of tokens.
 """
 
 from __future__ import annotations
@@ -141,7 +142,20 @@ def format_stats(st: dict, wall: float, tokens: int) -> str:
     ]
     skipped = st["skipped"]
     lines.append("skipped             " + (", ".join(f"{k}={v}" for k, v in skipped.items()) or "nothing"))
+    lines += format_mixture(st.get("mixture") or [])
     return "\n".join(lines)
+
+
+def format_mixture(rows: list[dict]) -> list[str]:
+    """Per source: the target share (of tokens or documents, per data.weight_unit) and the realised
+    share of the tokens built so far."""
+    if len(rows) < 2:
+        return []
+    unit = rows[0]["unit"]
+    out = [f"mixture             target share of {unit} -> realised share of tokens"]
+    for r in rows:
+        out.append(f"  {r['source']:<30} {r['target']:7.2%} -> {r['realised']:7.2%}  ({r['tokens']:,} tokens)")
+    return out
 
 
 def _parser() -> Parser:

@@ -31,7 +31,8 @@ import numpy as np
 from sc_jax.data import pipeline
 from sc_jax.data.batches import batch_keys, batch_metrics, empty_batch
 from sc_jax.data.sources import DataError
-from sc_jax.data.stats import STATS_KEY, CounterSet
+from sc_jax.data.config import LEGACY_WEIGHT_UNIT
+from sc_jax.data.stats import SOURCE_TOKENS_KEY, STATS_KEY, CounterSet
 from sc_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,19 @@ class PipelineInfo:
     train: bool
     fingerprint: dict | None = None  # pipeline.fingerprint: stored in every state, checked on restore
     on_source_change: str = "error"  # data.on_source_change
+    # weight_unit -> (a fresh inner iterator over the same scanned sources, its fingerprint): what
+    # a state saved before data.weight_unit existed (mixed by documents) is restored onto.
+    restream: Callable[[str], tuple[grain.DatasetIterator, dict]] | None = None
+    remix: Callable | None = None  # weight_unit -> (the examples, their fingerprint): pipeline.mixture
 
 
 # ----------------------------------------------------------------------------- iterator
+
+
+def _label(src, i: int) -> str:
+    """A source's name in statistics: its label, numbered when two share one."""
+    label = getattr(src, "label", None)
+    return f"{i}:{label}" if label else str(i)
 
 
 def _every_input_dropped(e: ValueError) -> bool:
@@ -138,6 +149,7 @@ class DataIterator(grain.DatasetIterator):
         self.task, self.tokenizer = info.spec.name, info.tokenizer
         self.batch_size, self.seq_len, self.max_batches = batch_size, seq_len, max_batches
         self._counts = info.spec.counters.zeros()
+        self._source_tokens = np.zeros(len(info.sources), np.int64)
         self._m = dict.fromkeys(METRICS, 0)
         self.seconds_waiting = 0.0
 
@@ -150,6 +162,9 @@ class DataIterator(grain.DatasetIterator):
         extra = batch.pop(STATS_KEY, None)
         if extra is not None:
             self._counts += np.asarray(extra, np.int64)
+        made = batch.pop(SOURCE_TOKENS_KEY, None)
+        if made is not None:
+            self._source_tokens += np.asarray(made, np.int64)
         self._m["batches"] += 1
         for name, n in batch_metrics(batch).items():
             self._m[name] += n
@@ -172,7 +187,8 @@ class DataIterator(grain.DatasetIterator):
     # -- state
     def get_state(self) -> dict:
         state = {"version": 1, "task": self.task, "grain": encode_state(self._inner.get_state()),
-                 "counters": self._counts.tolist(), "metrics": dict(self._m)}
+                 "counters": self._counts.tolist(), "metrics": dict(self._m),
+                 "source_tokens": self._source_tokens.tolist()}
         if self.info.fingerprint is not None:
             state["fingerprint"] = copy.deepcopy(self.info.fingerprint)
         return state
@@ -182,6 +198,7 @@ class DataIterator(grain.DatasetIterator):
             raise ValueError("not a sc_jax data iterator state (missing 'grain')")
         if state.get("task", self.task) != self.task:
             raise ValueError(f"the saved data state is for task '{state.get('task')}', this run is '{self.task}'")
+        self._restream_if_older(state.get("fingerprint"))
         changed = self._check_fingerprint(state.get("fingerprint"))
         try:
             self._inner.set_state(decode_state(state["grain"]))
@@ -194,6 +211,30 @@ class DataIterator(grain.DatasetIterator):
         if saved is not None:
             self._counts = saved
         self._m.update(state.get("metrics", {}))
+        made = state.get("source_tokens")
+        self._source_tokens = (np.asarray(made, np.int64) if made is not None and len(made) == len(self._source_tokens)
+                               else np.zeros_like(self._source_tokens))
+
+    def _restream_if_older(self, saved) -> None:
+        """A state saved before data.weight_unit existed indexes a stream mixed by documents: when
+        this iterator mixes by tokens, it is rebuilt mixed by documents (same sources, no rescan)
+        so that the state resumes exactly where it was saved."""
+        now = self.info.fingerprint
+        if isinstance(saved, dict) and "weight_unit" in saved:
+            return
+        if now is None or self.info.restream is None or not pipeline.mixes(now):
+            return
+        if now.get("weight_unit") == LEGACY_WEIGHT_UNIT:
+            return
+        log.info("data: this state was saved before data.weight_unit existed: it resumes its stream, mixed by "
+                 "documents (weight_unit=documents)")
+        old = self._inner
+        self._inner, fp = self.info.restream(LEGACY_WEIGHT_UNIT)
+        self.info = dataclasses.replace(self.info, fingerprint=fp)
+        grain.DatasetIterator.__init__(self, self._inner)
+        close = getattr(old, "close", None)
+        if close is not None:
+            close()
 
     def _check_fingerprint(self, saved) -> str:
         """'' when `saved` (a state's fingerprint; None: saved before fingerprints) indexes this
@@ -227,6 +268,21 @@ class DataIterator(grain.DatasetIterator):
     def metrics(self) -> dict[str, int]:
         """What was delivered: batches, rows, tokens, loss_tokens, segments, padding_batches."""
         return dict(self._m)
+
+    @property
+    def source_tokens(self) -> dict[str, int]:
+        """Input tokens made per source (by label; includes examples still buffered in the packer)."""
+        return {_label(src, i): int(n) for i, (src, n) in enumerate(zip(self.info.sources, self._source_tokens))}
+
+    def mixture(self) -> list[dict]:
+        """Per source: its label, the target share (of tokens or of documents, per weight_unit) and
+        the realised share of tokens so far."""
+        fp = self.info.fingerprint or {}
+        weights = [float(s.get("weight", 1.0)) for s in fp.get("sources", [])] or [1.0] * len(self._source_tokens)
+        total_w, total_t = sum(weights) or 1.0, int(self._source_tokens.sum())
+        return [{"source": label, "target": w / total_w, "unit": fp.get("weight_unit", LEGACY_WEIGHT_UNIT),
+                 "tokens": n, "realised": n / total_t if total_t else 0.0}
+                for (label, n), w in zip(self.source_tokens.items(), weights)]
 
     def stats(self) -> dict:
         return self.info.spec.report(self)

@@ -5,8 +5,9 @@ packer (pretraining: `sc_jax.data.pretrain`; SFT and DPO: `sc_jax.instruct.data`
     MapDataset.range(units)                            per source: unit ids (repositories, files, records)
       .repeat().map_with_index(EpochShuffle)            train: infinite, a new permutation every epoch
       .map_with_index(example function)                 (stream index, unit) -> example, or None (dropped)
-    MapDataset.mix(sources, weights)[host::hosts]       train: weighted mixture (eval: one after the other),
-                                                        then this host's share
+    MapDataset.mix(sources, weights)[host::hosts]       train: weighted mixture, per document or (TokenMix)
+                                                        per token (eval: one after the other), then this
+                                                        host's share
       .to_iter_dataset()                                example building in `read_threads` threads
     pack                                                the task's: concat-then-split or first-fit (grain's
                                                         packers) -> rows of BATCH_KEYS; DPO: none
@@ -27,7 +28,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import sys
 import threading
+import time
 import uuid
 from typing import Callable
 
@@ -36,7 +39,7 @@ import numpy as np
 
 from sc_jax.config import ConfigError
 from sc_jax.data import stats
-from sc_jax.data.config import DataConfig, SourceConfig
+from sc_jax.data.config import LEGACY_WEIGHT_UNIT, DataConfig, SourceConfig
 from sc_jax.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -168,25 +171,148 @@ class Component:
 
 
 def example_stream(components: list[Component], *, seed: int, salt: int, shuffle: bool, train: bool,
-                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+                   process_index: int = 0, process_count: int = 1, unit_tokens: list[float] | None = None,
+                   pipeline_id: str = "") -> grain.MapDataset:
     """The examples this host reads (None where one was dropped), a MapDataset.
 
     Train: every source infinite, reshuffled per epoch from (seed, source index, `salt`), mixed by
-    weight. Eval: one pass, in order, the sources one after the other. Host i of n reads elements
-    i, i + n, ... of that stream."""
+    weight: per document drawn (grain's mix), or with `unit_tokens` (each source's mean tokens per
+    unit) per token (`TokenMix`). Eval: one pass, in order, the sources one after the other. Host i
+    of n reads elements i, i + n, ... of that stream. With `pipeline_id`, the tokens each source
+    makes are counted (stats.source_tokens)."""
     parts = []
     for i, c in enumerate(components):
         units = grain.MapDataset.range(c.size)
         if train:
             units = units.repeat().map_with_index(EpochShuffle(c.size, sub_seed(seed, i, salt), shuffle))
-        parts.append(units.map_with_index(c.make))
+        make = SourceTokens(c.make, i, len(components), pipeline_id) if pipeline_id else c.make
+        parts.append(units.map_with_index(make))
     if len(parts) == 1:
         ds = parts[0]
+    elif train and unit_tokens is not None:
+        ds = TokenMix(parts, [c.weight / t for c, t in zip(components, unit_tokens)])
     elif train:
         ds = grain.MapDataset.mix(parts, [c.weight for c in components])
     else:
         ds = grain.MapDataset.concatenate(parts)
     return ds[process_index::process_count] if process_count > 1 else ds
+
+
+def example_tokens(example: dict) -> int:
+    """The input tokens an example puts into rows (DPO: both sides)."""
+    if "input_ids" in example:
+        return len(example["input_ids"])
+    return sum(len(v) for k, v in example.items() if k.endswith("input_ids"))
+
+
+class SourceTokens:
+    """grain map_with_index around one source's example function: counts the tokens it makes
+    under that source (stats.source_tokens), in whichever process builds them."""
+
+    def __init__(self, make: Callable, source: int, num_sources: int, pipeline_id: str):
+        self.make, self.source, self.num_sources, self.pipeline_id = make, source, num_sources, pipeline_id
+
+    def __call__(self, index: int, unit):
+        example = self.make(index, unit)
+        if example is not None:
+            stats.source_tokens(self.num_sources).add(stats.source_key(self.pipeline_id),
+                                                      {str(self.source): example_tokens(example)})
+        return example
+
+
+# Integer draw rates: the smallest is this, the others in proportion (grain's mix uses 100, which
+# leaves rate ratios up to 1% off: too coarse for token shares).
+_RATE_SCALE = 1_000_000
+
+
+class TokenMix(grain.MapDataset):
+    """An infinite mixture drawing source i at rate `rates[i]` (any positive numbers): element k
+    comes from the source whose cumulative share steps up at k, a deterministic interleave (the
+    same construction as grain's mix, with finer integer rates), so any element is found without
+    the ones before it."""
+
+    def __init__(self, parents: list[grain.MapDataset], rates: list[float]):
+        super().__init__(parents)
+        low = min(rates)
+        self.rates = tuple(max(1, round(r / low * _RATE_SCALE)) for r in rates)
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def source_of(self, k: int) -> tuple[int, int]:
+        """(source, index within it) of element k."""
+        remaining = sum(self.rates)
+        at, at_next = k, k + 1
+        for i, rate in enumerate(self.rates):
+            # How many of the first `at` elements the sources after i take, by proportion.
+            rest, rest_next = at * (remaining - rate) // remaining, at_next * (remaining - rate) // remaining
+            if at - rest != at_next - rest_next:
+                return i, at_next - rest_next - 1
+            remaining -= rate
+            at, at_next = rest, rest_next
+        raise AssertionError("unreachable: the last source takes every remaining element")
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        source, k = self.source_of(int(index))
+        return self._parents[source][k]
+
+    def __str__(self) -> str:
+        return f"TokenMix(rates={self.rates})"
+
+
+def unit_tokens(components: list[Component], *, seed: int, sample: int, counters: stats.CounterSet,
+                pipeline_id: str) -> list[float]:
+    """Per source, the mean input tokens of its units (a dropped unit counts 0: it takes a draw
+    and gives nothing), over `sample` units drawn from (seed, source index): the same on every
+    host and every resume. The counts the sample's examples made are discarded."""
+    out = []
+    for i, c in enumerate(components):
+        rng = np.random.default_rng([int(seed), i, 0x70C5])
+        units = rng.choice(c.size, size=min(sample, c.size), replace=False) if c.size > sample else range(c.size)
+        total = 0
+        for u in units:
+            example = c.make(int(u), int(u))
+            total += example_tokens(example) if example is not None else 0
+        out.append(total / len(units))
+    counters.take(pipeline_id)
+    known = [t for t in out if t > 0]
+    if not known:
+        return [1.0] * len(out)
+    # A source whose sample gave nothing: drawn as if average (its weight then counts documents).
+    return [t if t > 0 else sum(known) / len(known) for t in out]
+
+
+def mixture(components: list[Component], srcs: list[SourceConfig], *, cfg: DataConfig, seed: int, salt: int,
+            train: bool, process_index: int, process_count: int, pipeline_id: str, counters: stats.CounterSet,
+            weight_unit: str | None = None) -> tuple[grain.MapDataset, dict]:
+    """(example_stream, its fingerprint) with the mixture by `weight_unit` (default data.weight_unit).
+    Only a training stream of several sources mixes: the others ignore it."""
+    unit = cfg.weight_unit if weight_unit is None else weight_unit
+    rates = None
+    if train and len(components) > 1 and unit == "tokens":
+        t0 = time.time()
+        rates = unit_tokens(components, seed=seed, sample=cfg.weight_sample, counters=counters,
+                            pipeline_id=pipeline_id)
+        log.info("data: tokens per unit %s (from up to %d units per source, %.1fs)",
+                 [round(t, 1) for t in rates], cfg.weight_sample, time.time() - t0)
+    ds = example_stream(components, seed=seed, salt=salt, shuffle=cfg.shuffle, train=train,
+                        process_index=process_index, process_count=process_count, unit_tokens=rates,
+                        pipeline_id=pipeline_id)
+    fp = fingerprint(components, srcs, cfg=cfg, seed=seed, train=train, process_index=process_index,
+                     process_count=process_count, weight_unit=unit, unit_tokens=rates)
+    return ds, fp
+
+
+def restreamer(remix: Callable, batches: Callable) -> Callable:
+    """weight_unit -> (a fresh iterator of batches, its fingerprint): `remix` (a partial of
+    `mixture`) mixed by that unit, then `batches` (a partial of `format_and_batch`)."""
+    def restream(weight_unit: str):
+        examples, fp = remix(weight_unit=weight_unit)
+        return batches(examples).__iter__(), fp
+
+    return restream
 
 
 # ----------------------------------------------------------------------------- fingerprint
@@ -197,15 +323,24 @@ STREAM_LAYOUT = 1
 
 
 def fingerprint(components: list[Component], srcs: list[SourceConfig], *, cfg: DataConfig, seed: int, train: bool,
-                process_index: int, process_count: int) -> dict:
+                process_index: int, process_count: int, weight_unit: str = LEGACY_WEIGHT_UNIT,
+                unit_tokens: list[float] | None = None) -> dict:
     """What the grain indices of an iterator state point at (JSON): stored in every state and
     compared on restore. How each unit is turned into an example (FIM, filters, tokenizer) is
     not here: that is the config (the trainer refuses a resume with another one)."""
-    return {"layout": STREAM_LAYOUT, "split": "train" if train else "eval", "seed": int(seed),
-            "shuffle": bool(cfg.shuffle), "hosts": [int(process_index), int(process_count)],
-            "workers": int(cfg.num_workers),
-            "sources": [{"kind": s.kind, "path": s.path, "units": int(c.size), "unit": c.unit,
-                         "weight": float(c.weight), "names": c.names} for c, s in zip(components, srcs)]}
+    fp = {"layout": STREAM_LAYOUT, "split": "train" if train else "eval", "seed": int(seed),
+          "shuffle": bool(cfg.shuffle), "hosts": [int(process_index), int(process_count)],
+          "workers": int(cfg.num_workers), "weight_unit": weight_unit,
+          "sources": [{"kind": s.kind, "path": s.path, "units": int(c.size), "unit": c.unit,
+                       "weight": float(c.weight), "names": c.names} for c, s in zip(components, srcs)]}
+    for s, t in zip(fp["sources"], unit_tokens or ()):
+        s["tokens_per_unit"] = float(t)
+    return fp
+
+
+def mixes(fp: dict) -> bool:
+    """Whether the stream a fingerprint describes mixes sources (training, several of them)."""
+    return fp.get("split") == "train" and len(fp.get("sources", [])) > 1
 
 
 def _shares(sources: list[dict]) -> list[float]:
@@ -246,6 +381,15 @@ def changes(saved: dict, now: dict) -> list[str]:
     if train and len(old) == len(new) > 1 and not all(
             abs(x - y) <= 1e-9 for x, y in zip(_shares(old), _shares(new))):
         out.append(f"weights {[s['weight'] for s in old]} -> {[s['weight'] for s in new]}")
+    unit_old, unit_new = saved.get("weight_unit", LEGACY_WEIGHT_UNIT), now.get("weight_unit", LEGACY_WEIGHT_UNIT)
+    if mixes(now) and len(old) == len(new):
+        if unit_old != unit_new:
+            out.append(f"weight_unit {unit_old} -> {unit_new}")
+        elif unit_new == "tokens":
+            rate = lambda ss: [round(s.get("tokens_per_unit", 0.0), 3) for s in ss]  # noqa: E731
+            if any(abs(a.get("tokens_per_unit", 0.0) - b.get("tokens_per_unit", 0.0)) > 1e-9 * b.get(
+                    "tokens_per_unit", 1.0) for a, b in zip(old, new)):
+                out.append(f"tokens per unit {rate(old)} -> {rate(new)} (the token mixture's estimate)")
     return out
 
 
@@ -300,7 +444,7 @@ def pack_first_fit(ds: grain.IterDataset, *, seq_len: int, bins: int, seed: int,
 
 def format_and_batch(examples: grain.MapDataset, pack: Callable[[grain.IterDataset], grain.IterDataset] | None, *,
                      cfg: DataConfig, batch_size: int, train: bool, pipeline_id: str,
-                     counters: stats.CounterSet) -> grain.IterDataset:
+                     counters: stats.CounterSet, num_sources: int = 0) -> grain.IterDataset:
     """examples -> pack -> batch -> counts -> workers, the stages every task shares. `pack` turns
     examples into rows of the batch keys (None: the examples are rows already)."""
     ds = examples.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.read_buffer))
@@ -309,7 +453,7 @@ def format_and_batch(examples: grain.MapDataset, pack: Callable[[grain.IterDatas
     # grain's batch_and_pad: the last batch of a finite pass is padded with zero rows (loss_mask 0).
     ds = ds.batch(batch_size, drop_remainder=train,
                   batch_fn=functools.partial(grain.experimental.batch_and_pad, batch_size=batch_size))
-    ds = ds.map(stats.AttachStats(pipeline_id, counters))
+    ds = ds.map(stats.AttachStats(pipeline_id, counters, num_sources))
     # Dropped examples (bad input, held out, too long) are expected: no warnings. A training stream
     # where *every* example is dropped would spin forever: an error (the iterator explains it).
     ds = grain.experimental.WithOptionsIterDataset(ds, grain.experimental.DatasetOptions(

@@ -11,6 +11,7 @@ import functools
 
 import grain
 
+from sc_jax.config import ConfigError
 from sc_jax.data import pipeline, stats
 from sc_jax.data.config import DataConfig, SourceConfig
 from sc_jax.data.documents import DocumentMaker
@@ -65,6 +66,9 @@ def build_document_dataset(cfg: DataConfig, *, seed: int, train: bool = True, pr
     Train: infinite, shuffled per epoch, mixed by weight. Eval: one pass, in order, sources one after
     the other, one file order per repository."""
     cfg.validate()
+    if cfg.dedup:
+        raise ConfigError("data.dedup removes duplicate SFT/DPO records (train.task sft or dpo), not pretraining "
+                          "documents: set data.dedup=false")
     pipeline.check_host(process_index, process_count)
     srcs, keep = pipeline.split_plan(cfg, train, task="pretrain", what="sources",
                                      hint="add at least one source, e.g. {kind: dir, path: /path/to/repos}")
@@ -74,13 +78,15 @@ def build_document_dataset(cfg: DataConfig, *, seed: int, train: bool = True, pr
     components = [pipeline.Component(m, m.num_units, scfg.weight, m.source.unit_digest(files=m.mode == "file"),
                                      "files" if m.mode == "file" else "repositories x repo_orders")
                   for m, scfg in zip(makers, srcs)]
-    ds = pipeline.example_stream(components, seed=seed, salt=_SHUFFLE_SALT, shuffle=cfg.shuffle, train=train,
-                                 process_index=process_index, process_count=process_count)
+    remix = functools.partial(pipeline.mixture, components, srcs, cfg=cfg, seed=seed, salt=_SHUFFLE_SALT, train=train,
+                              process_index=process_index, process_count=process_count, pipeline_id=pipeline_id,
+                              counters=TASK.counters)
+    ds, fp = remix()
     sources = [m.source for m in makers]
     scan_skipped = stats.merge_counts(s.scan_skipped for s in sources)
-    fp = pipeline.fingerprint(components, srcs, cfg=cfg, seed=seed, train=train, process_index=process_index,
-                              process_count=process_count)
-    return ds, PipelineInfo(TASK, tok, sources, makers, scan_skipped, pipeline_id, train, fp, cfg.on_source_change)
+    info = PipelineInfo(TASK, tok, sources, makers, scan_skipped, pipeline_id, train, fp, cfg.on_source_change)
+    info.remix = remix
+    return ds, info
 
 
 # ----------------------------------------------------------------------------- packing
@@ -121,9 +127,11 @@ def _iterator(cfg: DataConfig, *, seq_len: int, batch_size: int, seed: int, trai
                                         process_count=process_count, pipeline_id=pid, tokenizer=tokenizer)
     packer = functools.partial(pack, packing=cfg.packing, seq_len=seq_len, seed=seed,
                                shuffle_bins=cfg.shuffle and train, first_fit_bins=cfg.first_fit_bins)
-    ds = pipeline.format_and_batch(docs, packer, cfg=cfg, batch_size=batch_size, train=train, pipeline_id=pid,
-                                   counters=TASK.counters)
-    return DataIterator(ds.__iter__(), info, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches)
+    batches = functools.partial(pipeline.format_and_batch, pack=packer, cfg=cfg, batch_size=batch_size, train=train,
+                                pipeline_id=pid, counters=TASK.counters, num_sources=len(info.sources))
+    info.restream = pipeline.restreamer(info.remix, batches)
+    return DataIterator(batches(docs).__iter__(), info, batch_size=batch_size, seq_len=seq_len,
+                        max_batches=max_batches)
 
 
 def make_train_iterator(cfg: DataConfig, *, seq_len: int, batch_size: int, seed: int, process_index: int = 0,
@@ -171,6 +179,7 @@ def report(it: DataIterator) -> dict:
         "documents_built": c["documents"], "repos_built": c["repos"], "files_built": c["files"],
         "skipped": skipped(it),
         "padding_batches": m["padding_batches"],
+        "mixture": it.mixture(),  # per source: target share, realised share of tokens
     }
 
 

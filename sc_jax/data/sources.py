@@ -40,6 +40,20 @@ CONTENT_KEYS = ("content", "text", "code")
 REPO_KEYS = ("repo_name", "max_stars_repo_name", "repository_name", "repo")
 PATH_KEYS = ("path", "max_stars_repo_path", "file_path", "filename")
 LANGUAGE_KEYS = ("language", "lang")
+# content_key: messages reads SFT records ({"messages": [{"role", "content"}, ...]}, e.g. what
+# `python -m sc_jax.instruct.evolve` writes) as text documents: the turns' contents, a blank line
+# between them. Only when configured: auto-detection never picks it.
+CHAT_KEY = "messages"
+
+
+def chat_text(messages) -> str:
+    """An SFT record's turns as one text (ValueError when they are not a list of turns with text)."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list")
+    parts = [m.get("content") if isinstance(m, dict) else None for m in messages]
+    if not all(isinstance(p, str) for p in parts):
+        raise ValueError("a message without text content")
+    return "\n\n".join(p.strip() for p in parts)
 
 
 class DataError(ConfigError):
@@ -584,8 +598,9 @@ class JsonlSource(_TableSource):
             key = _detect_key(rec, configured, candidates)
             return rec.get(key) if key else None
 
+        content = chat_text(rec[content_key]) if content_key == CHAT_KEY else rec[content_key]
         return (field(src.repo_key, REPO_KEYS), field(src.path_key, PATH_KEYS),
-                field(src.language_key, LANGUAGE_KEYS), rec[content_key])
+                field(src.language_key, LANGUAGE_KEYS), content)
 
     def _read_row(self, row: int):
         rec = self._parse(row)

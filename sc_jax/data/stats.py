@@ -16,6 +16,7 @@ import threading
 import numpy as np
 
 STATS_KEY = "_stats"
+SOURCE_TOKENS_KEY = "_source_tokens"  # per source, the input tokens of the examples it made
 
 # Pretraining: what the document builders count.
 COUNTERS: tuple[str, ...] = (
@@ -88,11 +89,31 @@ def merge_counts(dicts) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-class AttachStats:
-    """Grain map: puts this process's new counts into the batch."""
+_source_sets: dict[int, CounterSet] = {}
 
-    def __init__(self, pipeline_id: str, counters: CounterSet):
-        self.pipeline_id, self.counters = pipeline_id, counters
+
+def source_tokens(num_sources: int) -> CounterSet:
+    """The counters of tokens made per source ("0", "1", ...): the realised mixture."""
+    with _lock:
+        if num_sources not in _source_sets:
+            _source_sets[num_sources] = CounterSet(tuple(str(i) for i in range(num_sources)))
+        return _source_sets[num_sources]
+
+
+def source_key(pipeline_id: str) -> str:
+    """Where a pipeline's per-source token counts sit in the registry (beside its task counters)."""
+    return f"{pipeline_id}/sources"
+
+
+class AttachStats:
+    """Grain map: puts this process's new counts (and, with num_sources, its per-source token
+    counts) into the batch."""
+
+    def __init__(self, pipeline_id: str, counters: CounterSet, num_sources: int = 0):
+        self.pipeline_id, self.counters, self.num_sources = pipeline_id, counters, num_sources
 
     def __call__(self, batch: dict) -> dict:
-        return {**batch, STATS_KEY: self.counters.take(self.pipeline_id)}
+        out = {**batch, STATS_KEY: self.counters.take(self.pipeline_id)}
+        if self.num_sources:
+            out[SOURCE_TOKENS_KEY] = source_tokens(self.num_sources).take(source_key(self.pipeline_id))
+        return out

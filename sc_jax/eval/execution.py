@@ -21,7 +21,7 @@ Executors are pluggable::
     register_executor(Executor("ruby", ".rb", ("ruby", "{file}")))
 
 Placeholders in ``command``: ``{file}`` (absolute program path), ``{dir}`` (work
-directory), ``{memory_mb}`` (the memory limit in MiB).
+directory), ``{memory_mb}`` (the memory limit in MiB), ``{heap_mb}`` (half of it).
 
 Pass = the program ran to its end. Exit code 0 alone does not prove that: a completion
 that calls ``sys.exit(0)``, ``os._exit(0)`` or ``process.exit(0)`` before the tests ends
@@ -38,9 +38,11 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+import importlib
 import itertools
 import json
 import os
+import re
 import secrets
 import selectors
 import shutil
@@ -58,7 +60,14 @@ from typing import Any
 LAUNCHER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_launcher.py")
 
 PASSED, FAILED, TIMEOUT, ERROR = "passed", "failed", "timeout", "error"
-STATUSES = (PASSED, FAILED, TIMEOUT, ERROR)
+#: the compile stage (g++, javac, rustc, go test -c, tsc, php -l, luac -p) rejected the program:
+#: MultiPL-E's "SyntaxError"
+COMPILE_ERROR = "compile_error"
+STATUSES = (PASSED, FAILED, TIMEOUT, ERROR, COMPILE_ERROR)
+
+#: PATH inside the sandbox; executables are looked up here first, so the compiler the harness
+#: checks is the one the program's own tools (rustc -> cc, tsc -> node) find too
+SANDBOX_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 #: directories every user may write to on a usual Linux box; read-only inside the sandbox
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock", "/dev/mqueue")
@@ -98,6 +107,29 @@ class ExecutorUnavailableError(EvalError):
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class Library:
+    """A file a language's tests need besides its toolchain (luaunit, javatuples): the first of
+    `candidates` that exists is used; ``{name}`` in an executor's commands is its path."""
+
+    name: str
+    candidates: tuple[str, ...]
+    install: str  # how to get it, named in the error when none exists
+
+    def find(self) -> str | None:
+        for path in self.candidates:
+            path = os.path.expandvars(os.path.expanduser(path))
+            if "$" not in path and os.path.isfile(path):
+                return path
+        return None
+
+
+#: A sentinel given as a function: (source, sentinel path, nonce) -> the program text to write.
+SentinelFn = Callable[[str, str, str], str]
+#: Files written beside the program: (source, sentinel path, nonce) -> {file name: text}.
+ExtraFilesFn = Callable[[str, str, str], dict[str, str]]
+
+
 # ----------------------------------------------------------------------------- executors
 
 
@@ -119,7 +151,20 @@ class Executor:
             directory the sandbox user cannot traverse (made visible read-only).
         filename: fixed file name (e.g. ``Main.java``) instead of ``program{suffix}``.
         sentinel: code appended after the program that writes ``{nonce}`` to ``{path}``
-            (both given as double-quoted string literals); None: pass = exit code 0 alone.
+            (both given as double-quoted string literals), or a function (source, path,
+            nonce) -> program text for languages where appending is not enough (C++'s and
+            Rust's ``main`` is renamed and wrapped); None: pass = exit code 0 alone.
+        compile: argv of a compile stage run before ``command`` in the same sandbox and work
+            directory (its limits: ``SandboxConfig.compile_*``); a non-zero exit is
+            ``compile_error``. ``{dir}/...`` in ``command`` names what it built.
+        compile_memory_rlimit: like ``memory_rlimit``, for the compile stage.
+        prepare: (workdir, tmpdir) -> None, run by the harness before the sandbox user gets the
+            directory (Go copies in a build cache warmed once per process).
+        extra_files: (source, path, nonce) -> {name: text} written beside the program (Go's
+            sentinel is a ``TestMain`` in a second ``_test.go`` file).
+        requires: further executables the stages run (rustc links with ``cc``).
+        libraries: files the tests need (luaunit, javatuples); ``{name}`` in the commands.
+        install: how to install the toolchain, named when an executable is missing.
     """
 
     language: str
@@ -130,13 +175,21 @@ class Executor:
     env: tuple[tuple[str, str], ...] = ()
     expose: tuple[str, ...] = ()
     filename: str | None = None
-    sentinel: str | None = None
+    sentinel: str | SentinelFn | None = None
+    compile: tuple[str, ...] | None = None
+    compile_memory_rlimit: str = "AS"
+    extra_files: ExtraFilesFn | None = None
+    prepare: Callable[[str, str], None] | None = None
+    requires: tuple[str, ...] = ()
+    libraries: tuple[Library, ...] = ()
+    install: str = ""
 
     def __post_init__(self):
-        if self.memory_rlimit not in ("AS", "DATA", "none"):
-            raise ValueError(f"memory_rlimit must be AS, DATA or none, not {self.memory_rlimit!r}")
-        if not self.command:
-            raise ValueError("command must not be empty")
+        for rlimit in (self.memory_rlimit, self.compile_memory_rlimit):
+            if rlimit not in ("AS", "DATA", "none"):
+                raise ValueError(f"memory_rlimit must be AS, DATA or none, not {rlimit!r}")
+        if not self.command or self.compile == ():
+            raise ValueError("command (and compile, when given) must not be empty")
 
     def program_name(self) -> str:
         return self.filename or f"program{self.suffix}"
@@ -145,18 +198,43 @@ class Executor:
         """`source` followed by the sentinel step (unchanged when there is none)."""
         if self.sentinel is None:
             return source
+        if callable(self.sentinel):
+            return self.sentinel(source, path, nonce)
         return source + self.sentinel.format(path=json.dumps(path), nonce=json.dumps(nonce))
 
+    @property
+    def has_sentinel(self) -> bool:
+        """Whether a pass needs the nonce (the sentinel is in the program or a file beside it)."""
+        return self.sentinel is not None or self.extra_files is not None
+
+    def stages(self) -> list[tuple[str, tuple[str, ...], str]]:
+        """(stage name, argv template, memory rlimit) in the order they run."""
+        run = ("run", self.command, self.memory_rlimit)
+        return [("compile", self.compile, self.compile_memory_rlimit), run] if self.compile else [run]
+
+    def _tools(self) -> list[str]:
+        """Executables to find before a run: each stage's (except one the compile stage builds)."""
+        exes = [argv[0] for _, argv, _ in self.stages() if "{" not in argv[0]]
+        return list(dict.fromkeys(exes + list(self.requires)))
+
+    def _missing(self, what: str) -> ExecutorUnavailableError:
+        how = f"install {self.install}" if self.install else "install it"
+        return ExecutorUnavailableError(f"{self.language}: {what} (needed to run {self.language} programs): "
+                                        f"{how}, or put it on PATH")
+
     def resolve(self) -> str:
-        """Absolute path of the command's executable; raises ExecutorUnavailableError."""
-        exe = self.command[0]
-        found = exe if os.path.isabs(exe) and os.access(exe, os.X_OK) else shutil.which(exe)
-        if not found:
-            raise ExecutorUnavailableError(
-                f"{self.language}: executable {exe!r} not found (needed to run {self.language} programs): "
-                "install it or put it on PATH"
-            )
-        return found
+        """Absolute path of the first stage's executable, after checking that every executable
+        and library the stages need is there; raises ExecutorUnavailableError naming the package."""
+        found = [_which(exe) for exe in self._tools()]
+        for exe, path in zip(self._tools(), found):
+            if path is None:
+                raise self._missing(f"executable {exe!r} not found")
+        for lib in self.libraries:
+            if lib.find() is None:
+                raise ExecutorUnavailableError(
+                    f"{self.language}: {lib.name} not found (looked for {', '.join(lib.candidates)}; the tests of "
+                    f"{self.language} programs need it): install {lib.install}")
+        return found[0]
 
     def available(self) -> bool:
         try:
@@ -165,11 +243,23 @@ class Executor:
         except ExecutorUnavailableError:
             return False
 
-    def argv(self, file: str, workdir: str, memory_mb: int) -> list[str]:
-        subst = {"file": file, "dir": workdir, "memory_mb": str(memory_mb)}
-        argv = [part.format(**subst) for part in self.command]
-        argv[0] = self.resolve()
+    def argv(self, file: str, workdir: str, memory_mb: int, template: tuple[str, ...] | None = None) -> list[str]:
+        """`template` (default: the run command) with its placeholders filled in, argv[0] absolute."""
+        template = template or self.command
+        # {heap_mb}: half the limit, for runtimes whose heap is one part of the memory they map (the JVM)
+        subst = {"file": file, "dir": workdir, "memory_mb": str(memory_mb), "heap_mb": str(max(16, memory_mb // 2))}
+        subst.update({lib.name: lib.find() or lib.name for lib in self.libraries})
+        argv = [part.format(**subst) for part in template]
+        if "{" not in template[0]:
+            argv[0] = _which(template[0]) or argv[0]
         return argv
+
+
+def _which(exe: str) -> str | None:
+    """`exe` if absolute and executable, else the first on the sandbox's PATH, then the caller's."""
+    if os.path.isabs(exe):
+        return exe if os.access(exe, os.X_OK) else None
+    return shutil.which(exe, path=SANDBOX_PATH) or shutil.which(exe)
 
 
 _REGISTRY: dict[str, Executor] = {}
@@ -223,6 +313,7 @@ register_executor(
         memory_rlimit="DATA",
         aliases=("js", "node", "nodejs"),
         sentinel=JAVASCRIPT_SENTINEL,
+        install="Debian's nodejs",
     )
 )
 
@@ -245,9 +336,22 @@ class SandboxConfig:
     isolate_pids: bool = True
     user: str | int | None = "auto"  # "auto": fresh uid per run when root; "nobody"; an int; None: stay
     tmp_root: str | None = None  # where the per-run directories go (default: the system temp dir)
+    # The compile stage (executors with `compile`) runs the same sandbox with its own limits: a
+    # compiler needs more time, memory and threads (javac, rustc, go's parallel build) than a test
+    # program; each limit is at least the program's. `timeout` covers the program alone.
+    compile_timeout: float = 60.0
+    compile_memory_mb: int = 4096
+    compile_max_processes: int = 512
 
     def replace(self, **kw) -> SandboxConfig:
         return dataclasses.replace(self, **kw)
+
+    def for_stage(self, stage: str) -> SandboxConfig:
+        """The limits of one stage: "run" (these) or "compile"."""
+        if stage != "compile":
+            return self
+        return self.replace(timeout=self.compile_timeout, memory_mb=max(self.memory_mb, self.compile_memory_mb),
+                            max_processes=max(self.max_processes, self.compile_max_processes))
 
 
 @dataclasses.dataclass
@@ -262,6 +366,7 @@ class ExecResult:
     isolation: dict[str, Any] = dataclasses.field(default_factory=dict)
     pid: int | None = None  # the launcher's pid = the process-group id (all killed on return)
     completed: bool | None = None  # the sentinel ran (None: the executor has no sentinel)
+    stage: str = "run"  # the stage the verdict comes from: "compile" (compile_error, or its timeout) or "run"
 
     @property
     def passed(self) -> bool:
@@ -494,15 +599,20 @@ def _run_one(executor: Executor, source: str, config: SandboxConfig) -> ExecResu
     workdir = tempfile.mkdtemp(prefix="sc_eval_", dir=_tmp_root(config, uid is not None))
     try:
         files = _write_program(executor, source, workdir, uid)
-        launch_config = _launcher_config(executor, config, files, exe, uid)
-        try:
-            run = _Launch.start(launch_config, config.max_output_bytes)
-        except OSError as e:
-            return _harness_error(executor, t0, f"could not start the launcher: {e}")
-        with run:
-            timed_out = run.watch(deadline=t0 + config.timeout)
-            run.stop(timed_out, sweep_uid=uid if per_run_uid else None)
-            return _classify(executor, files, run, timed_out, time.monotonic() - t0)
+        for stage, template, memory_rlimit in executor.stages():
+            stage_config = config.for_stage(stage)
+            launch_config = _launcher_config(executor, stage_config, files, template, memory_rlimit, uid)
+            try:
+                run = _Launch.start(launch_config, config.max_output_bytes)
+            except OSError as e:
+                return _harness_error(executor, t0, f"could not start the launcher: {e}")
+            with run:
+                timed_out = run.watch(deadline=time.monotonic() + stage_config.timeout)
+                run.stop(timed_out, sweep_uid=uid if per_run_uid else None)
+                res = _classify(executor, files, run, timed_out, time.monotonic() - t0, stage)
+            if stage == "run" or res.status != PASSED:
+                return res
+        raise AssertionError("unreachable: the last stage is the run")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -537,28 +647,37 @@ def _write_program(executor: Executor, source: str, workdir: str, uid: int | Non
     files = _ProgramFiles(workdir, tmpdir, os.path.join(workdir, executor.program_name()),
                           os.path.join(workdir, SENTINEL_FILE),
                           secrets.token_hex(16))  # 128 bits, new for every run: nothing can guess it ahead
-    with open(files.program, "w", encoding="utf-8") as f:
-        f.write(executor.with_sentinel(source, files.sentinel, files.nonce))
+    texts = {files.program: executor.with_sentinel(source, files.sentinel, files.nonce)}
+    if executor.extra_files is not None:
+        for name, text in executor.extra_files(source, files.sentinel, files.nonce).items():
+            texts[os.path.join(workdir, name)] = text
+    for path, text in texts.items():
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    if executor.prepare is not None:
+        executor.prepare(workdir, tmpdir)
     if uid is not None:
-        for p in (workdir, tmpdir, files.program):
-            os.chown(p, uid, uid)
+        for dirpath, dirnames, filenames in os.walk(workdir):
+            for name in (dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)):
+                os.chown(name, uid, uid, follow_symlinks=False)
     os.chmod(workdir, 0o700)
     return files
 
 
 def _environment(executor: Executor, files: _ProgramFiles) -> dict[str, str]:
     env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "PATH": SANDBOX_PATH,
         "HOME": files.workdir,
         "TMPDIR": files.tmpdir,
         "LANG": "C.UTF-8",
         "PYTHONIOENCODING": "utf-8",
     }
-    env.update(dict(executor.env))
+    # `{dir}` / `{tmp}` in an executor's variables: its work directory / TMPDIR (e.g. GOCACHE)
+    env.update({k: v.replace("{dir}", files.workdir).replace("{tmp}", files.tmpdir) for k, v in executor.env})
     return env
 
 
-def _rlimits(executor: Executor, config: SandboxConfig, uid: int | None) -> dict[str, int | None]:
+def _rlimits(memory_rlimit: str, config: SandboxConfig, uid: int | None) -> dict[str, int | None]:
     rlimits = {
         "NPROC": config.max_processes if uid is not None else None,  # root ignores it anyway
         "FSIZE": config.max_file_mb * 2**20,
@@ -567,30 +686,31 @@ def _rlimits(executor: Executor, config: SandboxConfig, uid: int | None) -> dict
         "CPU": int(config.timeout) + 5,  # backstop if the harness dies
     }
     memory_mb = int(config.memory_mb)
-    if executor.memory_rlimit != "none" and memory_mb > 0:
-        rlimits[executor.memory_rlimit] = memory_mb * 2**20
+    if memory_rlimit != "none" and memory_mb > 0:
+        rlimits[memory_rlimit] = memory_mb * 2**20
     return rlimits
 
 
-def _launcher_config(executor: Executor, config: SandboxConfig, files: _ProgramFiles, exe: str,
-                     uid: int | None) -> dict[str, Any]:
-    """What `_launcher.py` sets up before it execs the program (its status fd is added at start)."""
+def _launcher_config(executor: Executor, config: SandboxConfig, files: _ProgramFiles, template: tuple[str, ...],
+                     memory_rlimit: str, uid: int | None) -> dict[str, Any]:
+    """What `_launcher.py` sets up before it execs one stage (its status fd is added at start)."""
+    argv = executor.argv(files.program, files.workdir, int(config.memory_mb), template)
     readonly = [d for d in WORLD_WRITABLE if os.path.isdir(d)]
     base = os.path.dirname(files.workdir)
     if base not in readonly and os.stat(base).st_mode & stat.S_IWOTH:
         readonly.append(base)
     return {
         "workdir": files.workdir,
-        "argv": executor.argv(files.program, files.workdir, int(config.memory_mb)),
+        "argv": argv,
         "env": _environment(executor, files),
         "uid": uid,
         "gid": uid,
         "net": config.isolate_network,
         "fs": config.isolate_filesystem,
         "pidns": config.isolate_pids,
-        "expose": list(executor.expose) + [os.path.dirname(os.path.realpath(exe))],
+        "expose": list(executor.expose) + [os.path.dirname(os.path.realpath(argv[0]))],
         "readonly": readonly,
-        "rlimits": _rlimits(executor, config, uid),
+        "rlimits": _rlimits(memory_rlimit, config, uid),
     }
 
 
@@ -726,9 +846,11 @@ class _Launch:
                 stream.close()
 
 
-def _classify(executor: Executor, files: _ProgramFiles, run: _Launch, timed_out: bool, wall: float) -> ExecResult:
-    """The verdict of a finished run: a harness error when the launcher could not set up or exec
-    the program, else timeout / passed / failed (exit code and sentinel)."""
+def _classify(executor: Executor, files: _ProgramFiles, run: _Launch, timed_out: bool, wall: float,
+              stage: str = "run") -> ExecResult:
+    """The verdict of a finished stage: a harness error when the launcher could not set up or exec
+    it, else timeout / passed / failed (exit code and sentinel); a compile stage that exits non-zero
+    is compile_error, one that exits 0 "passed" (the run stage follows)."""
     info = run.info
     isolation = {
         "network": bool(info.get("net")),
@@ -741,9 +863,13 @@ def _classify(executor: Executor, files: _ProgramFiles, run: _Launch, timed_out:
     stages = _parse_status(run.status, all_lines=True)
     setup_error = stages.get("setup_error") or stages.get("child_setup_error") or stages.get("exec_error")
     if setup_error:
-        return ExecResult(ERROR, code, out, err, wall, executor.language, setup_error, isolation, run.pgid)
+        error = f"compile stage: {setup_error}" if stage == "compile" else setup_error
+        return ExecResult(ERROR, code, out, err, wall, executor.language, error, isolation, run.pgid, stage=stage)
+    if stage == "compile":
+        status = TIMEOUT if timed_out else PASSED if code == 0 else COMPILE_ERROR
+        return ExecResult(status, code, out, err, wall, executor.language, None, isolation, run.pgid, stage=stage)
     # read only now: every process of the run is dead, nothing can write the file any more
-    completed = _sentinel_written(files.sentinel, files.nonce) if executor.sentinel is not None else None
+    completed = _sentinel_written(files.sentinel, files.nonce) if executor.has_sentinel else None
     status = _verdict(timed_out, code, completed)
     return ExecResult(status, code, out, err, wall, executor.language, None, isolation, run.pgid, completed)
 
@@ -780,13 +906,22 @@ def describe_failure(res: ExecResult) -> str:
     if res.status == ERROR:
         return res.error or "harness error"
     if res.status == TIMEOUT:
-        return "timed out"
+        return "timed out while compiling" if res.stage == "compile" else "timed out"
     if res.exit_code == 0 and res.completed is False:
         return "exited with code 0 before the tests ran to their end"
+    if res.status == COMPILE_ERROR:  # the first diagnostic (tsc and php -l write theirs to stdout)
+        lines = [line.strip() for line in (res.stderr + "\n" + res.stdout).splitlines() if line.strip()]
+        errors = [line for line in lines if "error" in line.lower()]
+        located = [line for line in lines if _DIAGNOSTIC.search(line)]  # file:line: message (go, luac)
+        return "compile error: " + (errors or located or lines or [f"exit code {res.exit_code}"])[0]
     # the last line that says something: node ends its report with a "Node.js v20..." line
     lines = [line.strip() for line in res.stderr.splitlines() if line.strip() and not line.startswith("Node.js v")]
     errors = [line for line in lines if "Error" in line]
     return (errors or lines or [f"exit code {res.exit_code}"])[-1]
+
+
+#: a compiler's diagnostic line: "program.go:12:5: ..." / "luac5.4: program.lua:8: ..."
+_DIAGNOSTIC = re.compile(r"\.\w+:\d+:")
 
 
 def _parse_status(buf: bytes | bytearray, all_lines: bool = False) -> dict[str, Any]:
@@ -952,3 +1087,8 @@ def status_counts(results: Iterable[ExecResult]) -> dict[str, int]:
     for r in results:
         counts[r.status] = counts.get(r.status, 0) + 1
     return counts
+
+
+# The executors of MultiPL-E's other languages (C++, Java, Go, Rust, PHP, Lua, TypeScript) register
+# themselves; imported last because they are built from the definitions above.
+importlib.import_module("sc_jax.eval.languages")

@@ -170,16 +170,83 @@ def multipl_e_problem(rec: dict, where: str) -> Problem:
     )
 
 
+def read_parquet_rows(path: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yields ("row N", record) of a parquet file (MultiPL-E's Hugging Face release)."""
+    import pyarrow.parquet as pq
+
+    if not os.path.isfile(path):
+        raise DataError(f"data file not found: {path} (give an existing .parquet file)")
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds for a damaged file
+        raise DataError(f"{path}: cannot read as parquet ({type(e).__name__}: {e}): give a MultiPL-E .parquet "
+                        "file") from None
+    for i, rec in enumerate(table.to_pylist()):
+        yield f"row {i}", rec
+
+
 def load_multipl_e(path: str, *, limit: int | None = None) -> list[Problem]:
-    """MultiPL-E JSONL: one object per line with name, prompt, tests, stop_tokens, language."""
+    """MultiPL-E rows: JSONL (one object per line) or parquet (the Hugging Face release), each with
+    name, prompt, tests, stop_tokens, language (other fields are ignored)."""
+    if path.endswith(".parquet"):
+        rows = ((f"{path}: {row}", rec) for row, rec in read_parquet_rows(path))
+    else:
+        rows = ((f"{path}:{lineno}", rec) for lineno, rec in read_jsonl(path))
     problems = []
-    for lineno, rec in read_jsonl(path):
-        problems.append(multipl_e_problem(rec, f"{path}:{lineno}"))
+    for where, rec in rows:
+        problems.append(multipl_e_problem(rec, where))
         if limit is not None and len(problems) >= limit:
             break
     if not problems:
-        raise DataError(f"{path}: no problems (one JSON object per line)")
+        raise DataError(f"{path}: no problems (one MultiPL-E record per line or row)")
     return problems
+
+
+def canonical_language(language: str) -> str:
+    """The executor's name for a MultiPL-E language tag (``py`` -> python, ``go_test.go`` -> go)."""
+    return get_executor(language).language
+
+
+def load_multipl_e_files(paths: Sequence[str], *, languages: Sequence[str] | None = None,
+                         limit: int | None = None) -> list[Problem]:
+    """The problems of several MultiPL-E files (e.g. one per language), only those of `languages`
+    when given (each must have some). MultiPL-E names a problem alike in every language
+    (``HumanEval_53_add``): names that repeat across languages become ``<language>/<name>``;
+    a name repeated within one language is an error. `limit` applies per file."""
+    problems = [p for path in paths for p in load_multipl_e(path, limit=limit)]
+    if languages:
+        wanted = {canonical_language(lang): lang for lang in languages}
+        found = {canonical_language(p.language) for p in problems}
+        missing = [lang for key, lang in wanted.items() if key not in found]
+        if missing:
+            raise DataError(f"--languages {','.join(languages)}: no problems in {missing[0]!r} in "
+                            f"{', '.join(paths)} (their languages: {', '.join(sorted({p.language for p in problems}))}): "
+                            "give its MultiPL-E file too, or leave it out")
+        problems = [p for p in problems if canonical_language(p.language) in wanted]
+    seen: dict[tuple[str, str], Problem] = {}
+    for p in problems:
+        key = (canonical_language(p.language), p.name)
+        if key in seen:
+            raise DataError(f"problem {p.name!r} ({p.language}) is given twice: give each MultiPL-E file once")
+        seen[key] = p
+    if len({p.name for p in problems}) < len(problems):
+        for p in problems:
+            p.name = f"{p.language}/{p.name}"
+    return problems
+
+
+def language_table(summary: dict[str, Any], languages: Sequence[str], *, model: str, k: int = 1) -> str:
+    """The paper's layout: one row per model, one pass@k column per language, in the order of
+    `languages` (as the user spelled them: ``py,cpp,js,java,php,rs``)."""
+    by_language = {canonical_language(r["language"]): r for r in summary["rows"] if r["language"] != "all"}
+    cells = []
+    for lang in languages:
+        row = by_language.get(canonical_language(lang))
+        cells.append(f"{100 * row[f'pass@{k}']:.2f}" if row and f"pass@{k}" in row else "-")
+    head = ["model"] + list(languages)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
+             "| " + " | ".join([model] + cells) + " |"]
+    return f"MultiPL-E pass@{k} (%)\n\n" + "\n".join(lines) + "\n"
 
 
 def oracle_complete_fn(problems: Sequence[Problem]) -> CompleteFn:

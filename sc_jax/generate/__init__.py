@@ -21,12 +21,12 @@ from sc_jax.tokenizer import EOS, FILE_SEP, FIM_MIDDLE, FIM_PREFIX, FIM_SUFFIX
 
 __all__ = ["Generator", "TokenGenerator", "GenerationStats", "load_generator", "cut_at_stop", "filter_logits",
            "greedy_pick", "sample", "INFILL_STOPS", "EOS", "FILE_SEP", "FIM_MIDDLE", "FIM_PREFIX", "FIM_SUFFIX",
-           "MIN_NEW_BUCKET", "MIN_PROMPT_BUCKET", "PREFILL_SCORES_BYTES", "STOP_CHECK_EVERY", "compute_dtype"]
+           "MIN_NEW_BUCKET", "MIN_PROMPT_BUCKET", "PREFILL_SCORES_BYTES", "STOP_CHECK_EVERY", "compute_dtype", "PRECISIONS"]
 # These import JAX (seconds): loaded on first use, so that `cut_at_stop` (the evaluation
 # harness, scoring completions made elsewhere) starts at once.
 _LAZY = {"MIN_NEW_BUCKET": "generator", "MIN_PROMPT_BUCKET": "generator", "PREFILL_SCORES_BYTES": "generator",
          "STOP_CHECK_EVERY": "generator", "GenerationStats": "generator", "TokenGenerator": "generator",
-         "compute_dtype": "generator", "filter_logits": "sampling", "greedy_pick": "sampling", "sample": "sampling",
+         "compute_dtype": "generator", "PRECISIONS": "generator", "filter_logits": "sampling", "greedy_pick": "sampling", "sample": "sampling",
          "INFILL_STOPS": "text", "Generator": "text"}
 
 
@@ -40,14 +40,16 @@ def load_generator(path: str, tokenizer: str | None = None, dtype=None, *, batch
     """A Generator from a HF model directory, an orbax checkpoint (directory or step) or a
     training run directory. The tokenizer is `tokenizer` when given, else the one beside
     the checkpoint (the HF directory itself, CKPT/tokenizer/, RUN/tokenizer.json, ...).
-    A HF checkpoint is read straight into the compute dtype (no fp32 copy of a bf16 run)."""
+    A HF checkpoint is read straight into the compute dtype (no fp32 copy of a bf16 run).
+    dtype="int8": weight-only int8, quantized here from whatever the checkpoint holds
+    (read in float32, quantized tensor by tensor; only the int8 kernels stay)."""
     from sc_jax.config import DTYPES
-    from sc_jax.generate.generator import compute_dtype
+    from sc_jax.generate.generator import precision
     from sc_jax.generate.text import Generator
     from sc_jax.loading import check_checkpoint_path, load_params, tokenizer_for
 
     check_checkpoint_path(path)
     tok = tokenizer_for(path, tokenizer)
-    dtype = compute_dtype(dtype)
-    cfg, params = load_params(path, dtype=DTYPES[dtype])
-    return Generator(cfg, params, tokenizer=tok, dtype=dtype, batch_size=batch_size)
+    compute, weights = precision(dtype)
+    cfg, params = load_params(path, dtype=DTYPES["float32" if weights else compute])
+    return Generator(cfg, params, tokenizer=tok, dtype=weights or compute, batch_size=batch_size)

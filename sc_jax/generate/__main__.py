@@ -21,8 +21,9 @@ import sys
 import time
 
 from sc_jax.cli import Parser
-from sc_jax.config import DTYPES, ConfigError
+from sc_jax.config import ConfigError
 from sc_jax.generate import Generator, load_generator
+from sc_jax.generate.generator import PRECISIONS
 from sc_jax.generate.text import FIM_SPECIAL_TOKENS
 from sc_jax.loading import check_checkpoint_path
 
@@ -53,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop string (repeatable); the output is cut before it (default: none)")
     p.add_argument("--tokenizer", help="tokenizer.json or a directory holding one (default: found beside --ckpt)")
-    p.add_argument("--dtype", choices=sorted(DTYPES),
-                   help="compute dtype (default: float32 on CPU, bfloat16 otherwise)")
+    p.add_argument("--dtype", choices=PRECISIONS,
+                   help="compute dtype (default: float32 on CPU, bfloat16 otherwise); int8: weight-only int8 "
+                        "kernels (per-output-channel scales, quantized at load), computing in the default dtype")
     return p
 
 

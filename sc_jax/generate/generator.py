@@ -94,12 +94,12 @@ def _decode(graphdef, n_ctx: int, weights, carry, limit, keys, stop_ids, tempera
 _KERNELS: dict[str, tuple] = {}
 
 
-def _kernels(cfg: ModelConfig):
-    """(jitted prefill, jitted decode) for a config, shared by every generator of that
-    config so that reloading a model reuses the compiled code."""
-    key = repr(dataclasses.astuple(cfg))
+def _kernels(cfg: ModelConfig, weights: str | None = None):
+    """(jitted prefill, jitted decode) for a config and weight format, shared by every
+    generator of them so that reloading a model reuses the compiled code."""
+    key = repr((dataclasses.astuple(cfg), weights))
     if key not in _KERNELS:
-        graphdef = nnx.graphdef(M.abstract_decode_model(cfg))
+        graphdef = nnx.graphdef(M.abstract_decode_model(cfg, weights))
         prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames=("cache_len", "new_len", "pad_id"))
         decode = jax.jit(functools.partial(_decode, graphdef, cfg.max_position_embeddings),
                          static_argnames=("greedy", "filtered", "pad_id"), donate_argnames=("carry",))
@@ -108,6 +108,22 @@ def _kernels(cfg: ModelConfig):
 
 
 # ----------------------------------------------------------------------------- host side
+
+
+WEIGHT_FORMATS = ("int8",)  # weight-only quantized precisions: kernels int8, compute in the default dtype
+PRECISIONS = (*sorted(DTYPES), *WEIGHT_FORMATS)
+
+
+def precision(dtype) -> tuple[str, str | None]:
+    """(compute dtype, weight format) of a precision name: a float dtype computes and
+    stores in itself (format None); "int8" stores the kernels int8 with per-output-channel
+    scales and computes in the default dtype (`compute_dtype(None)`), activations and KV
+    cache included."""
+    if isinstance(dtype, str) and dtype in WEIGHT_FORMATS:
+        return compute_dtype(None), dtype
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {list(PRECISIONS)}, got '{dtype}'")
+    return compute_dtype(dtype), None
 
 
 def compute_dtype(dtype) -> str:
@@ -185,20 +201,29 @@ class TokenGenerator:
     """
 
     def __init__(self, cfg: ModelConfig, params: dict, dtype=None, batch_size: int = 32):
-        dtype = compute_dtype(dtype)
-        # Inference: weights stored in the compute dtype.
+        dtype, self.weight_format = precision(dtype)
+        # Inference: weights stored in the compute dtype (the kernels int8 for "int8").
         self.cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype).validate()
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        self._prefill, self._decode = _kernels(self.cfg)
-        self.weights = M.decode_state(self.cfg, params)
+        self._prefill, self._decode = _kernels(self.cfg, self.weight_format)
+        self.weights = M.decode_state(self.cfg, params, self.weight_format)
         self.stats = GenerationStats()
 
     @property
     def eos_id(self) -> int | None:
         """The id that ends a row by default."""
         return self.cfg.eos_token_id
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights held on the device (int8 values and their scales for "int8")."""
+        return sum(a.nbytes for a in jax.tree.leaves(self.weights))
+
+    def model(self) -> M.DecodeModel:
+        """The DecodeModel these weights make (scoring whole sequences: `DecodeModel.score`)."""
+        return nnx.merge(nnx.graphdef(M.abstract_decode_model(self.cfg, self.weight_format)), self.weights)
 
     def generate_ids(self, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int = 256, temperature: float = 0.0,
                      top_p: float = 1.0, top_k: int = 0, stop_tokens: Sequence[int] | None = None, seed: int = 0,

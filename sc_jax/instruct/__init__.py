@@ -22,8 +22,19 @@ API used by `sc_jax.tasks`: `make_iterator`, `dpo_loss_fn(beta)`, `dpo_eval_fn(g
 from sc_jax.tokenizer import CHAT_TEMPLATE
 from sc_jax.instruct.chat import (SKIP_REASONS, ChatFormat, RecordError, dpo_example, parse_chat,
                                   parse_messages, parse_pair, render_text, sft_example)
-from sc_jax.instruct.data import Records, build_dataset, make_instruct_iterator, make_iterator
-from sc_jax.instruct.dpo import METRICS, dpo_eval_fn, dpo_loss_fn, dpo_terms, sequence_logps
+
+_LAZY = {name: "data" for name in ("Records", "build_dataset", "make_instruct_iterator", "make_iterator")}
+_LAZY.update({name: "dpo" for name in ("METRICS", "dpo_eval_fn", "dpo_loss_fn", "dpo_terms", "sequence_logps")})
+
+
+def __getattr__(name):
+    # These import grain and JAX (seconds): loaded on first use, so the commands that only read
+    # and write records (`python -m sc_jax.instruct.dedup`) start at once.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"sc_jax.instruct.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'sc_jax.instruct' has no attribute '{name}'")
 
 __all__ = ["CHAT_TEMPLATE", "SKIP_REASONS", "ChatFormat", "RecordError", "dpo_example", "parse_chat", "parse_messages",
            "parse_pair", "render_text", "sft_example", "Records", "build_dataset", "make_instruct_iterator",

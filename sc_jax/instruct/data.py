@@ -15,6 +15,7 @@ on a fresh iterator built from the same config continues exactly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import time
@@ -30,9 +31,10 @@ from sc_jax.data.jsonl import JsonlIndex
 from sc_jax.data.sources import DataError
 from sc_jax.data.stats import CounterSet, merge_counts
 from sc_jax.instruct.chat import ChatFormat, RecordError, dpo_example, parse_chat, parse_pair, sft_example
+from sc_jax.instruct import duplicates
+from sc_jax.instruct.duplicates import HashIndex, record_hash
 from sc_jax.tokenizer import Tokenizer
 
-JSONL_PATTERNS = ("*.jsonl", "*.ndjson")
 # Mixed into each source's shuffle seed (kept: the same seed gives the same stream as before).
 _SHUFFLE_SALT = 0x1257
 
@@ -43,9 +45,7 @@ COUNTERS = CounterSet(("examples", "truncated", "too_long", "malformed"))
 # ----------------------------------------------------------------------------- records
 
 
-def expand_paths(path: str) -> list[str]:
-    """A file, a glob, or a directory (its *.jsonl / *.ndjson files, recursively), sorted."""
-    return sources.expand_paths(path, JSONL_PATTERNS, "jsonl")
+expand_paths = duplicates.expand_paths
 
 
 def parse_record(task: str, raw: bytes):
@@ -57,6 +57,23 @@ def parse_record(task: str, raw: bytes):
     return parse_chat(obj) if task == "sft" else parse_pair(obj)
 
 
+def _valid_rows(index: JsonlIndex, task: str, strict: bool, skipped: dict[str, int], wanted):
+    """(row, wanted(raw), parsed record) of every valid record of the index, in order; the
+    malformed ones counted in `skipped` by reason (or, strict, a DataError naming path:line)."""
+    for row in range(len(index)):
+        raw = index.read(row)
+        if not raw.strip():
+            continue  # blank lines are not records
+        try:
+            rec = parse_record(task, raw)
+        except RecordError as e:
+            if strict:
+                raise DataError(f"{index.where(row)}: {e}") from None
+            skipped[e.reason] = skipped.get(e.reason, 0) + 1
+            continue
+        yield row, wanted(raw), rec
+
+
 def _holdout(raw: bytes, fraction: float) -> bool:
     """A record's side of the train/eval split: by its content, so duplicates land together."""
     return fraction > 0 and zlib.crc32(raw.strip()) / 2.0**32 < fraction
@@ -65,34 +82,36 @@ def _holdout(raw: bytes, fraction: float) -> bool:
 class Records:
     """The valid records of one source: rows of its JSONL index, read on demand."""
 
-    def __init__(self, label: str, index: JsonlIndex, skipped: dict[str, int]):
-        self.label, self.index, self.skipped = label, index, skipped
+    def __init__(self, label: str, index: JsonlIndex, skipped: dict[str, int], duplicates: int = 0):
+        self.label, self.index, self.skipped, self.duplicates = label, index, skipped, duplicates
 
     @classmethod
     def scan(cls, src: SourceConfig, task: str, *, strict: bool = False, holdout_fraction: float = 0.0,
-             keep: str = "all") -> "Records":
+             keep: str = "all", dedup: tuple[HashIndex, int] | None = None) -> "Records":
         """Reads every line once: parses and validates it, keeps where the valid ones are.
 
-        keep: "all", "train" (records outside the holdout) or "eval" (the holdout)."""
+        keep: "all", "train" (records outside the holdout) or "eval" (the holdout). dedup: (the
+        index of records seen in the sources before, this source's number): a record seen before
+        is a duplicate, dropped and counted (before the holdout split, so it is dropped from both)."""
         if src.kind != "jsonl":
             raise ConfigError(f"instruction data reads jsonl sources: data.sources kind '{src.kind}' "
                               f"({src.path}); use {{kind: jsonl, path: FILE}}")
         index = JsonlIndex.build(expand_paths(src.path), lines=True)
-        kept, skipped = [], {}
-        for row in range(len(index)):
-            raw = index.read(row)
-            if not raw.strip():
-                continue  # blank lines are not records
-            try:
-                parse_record(task, raw)
-            except RecordError as e:
-                if strict:
-                    raise DataError(f"{index.where(row)}: {e}") from None
-                skipped[e.reason] = skipped.get(e.reason, 0) + 1
-                continue
-            if keep == "all" or _holdout(raw, holdout_fraction) == (keep == "eval"):
-                kept.append(row)
-        return cls(src.label(), index.select(kept), skipped)
+        skipped: dict[str, int] = {}
+        valid = _valid_rows(index, task, strict, skipped, lambda raw: keep == "all" or _holdout(
+            raw, holdout_fraction) == (keep == "eval"))
+        duplicates = 0
+        if dedup is not None:
+            seen, number = dedup
+            kept = []
+            for (row, wanted), first in seen.first_of(
+                    (record_hash(task, rec), (number, 0, row), (row, wanted)) for row, wanted, rec in valid):
+                duplicates += first is not None
+                if first is None and wanted:
+                    kept.append(row)
+        else:
+            kept = [row for row, wanted, _ in valid if wanted]
+        return cls(src.label(), index.select(kept), skipped, duplicates)
 
     @property
     def files(self) -> list[str]:
@@ -145,12 +164,17 @@ def _scan(cfg: DataConfig, task: str, srcs: list[SourceConfig], *, strict: bool,
           verbose: bool) -> list[Records]:
     """Every source's records; DataError for a source without any."""
     t0 = time.time()
-    records = [Records.scan(s, task, strict=strict, holdout_fraction=cfg.holdout_fraction, keep=keep) for s in srcs]
+    with contextlib.ExitStack() as stack:
+        seen = stack.enter_context(HashIndex(cfg.dedup_dir)) if cfg.dedup else None
+        records = [Records.scan(s, task, strict=strict, holdout_fraction=cfg.holdout_fraction, keep=keep,
+                                dedup=None if seen is None else (seen, i)) for i, s in enumerate(srcs)]
     if verbose:
         skipped = merge_counts(r.skipped for r in records)
         print(f"{task} data ({'train' if train else 'eval'}): {sum(map(len, records)):,} records in "
               f"{sum(len(r.files) for r in records)} file(s) ({time.time() - t0:.1f}s); skipped "
-              f"{sum(skipped.values())}" + (f" ({_fmt(skipped)})" if skipped else ""), flush=True)
+              f"{sum(skipped.values())}" + (f" ({_fmt(skipped)})" if skipped else "")
+              + (f"; duplicates removed {sum(r.duplicates for r in records)} ({_duplicates(records)})"
+                 if cfg.dedup else ""), flush=True)
     for scfg, rec in zip(srcs, records):
         if len(rec) == 0:
             raise DataError(f"data source jsonl:{scfg.path} has no usable {task} records "
@@ -178,17 +202,18 @@ def build_dataset(cfg: DataConfig, task: str, *, seq_len: int, batch_size: int, 
     makers = [Examples(task, rec, fmt, seq_len, pid) for rec in records]
     components = [pipeline.Component(m, len(rec), s.weight, rec.digest(), "records")
                   for m, rec, s in zip(makers, records, srcs)]
-    examples = pipeline.example_stream(components, seed=seed, salt=_SHUFFLE_SALT, shuffle=cfg.shuffle, train=train,
-                                       process_index=process_index, process_count=process_count)
+    remix = functools.partial(pipeline.mixture, components, srcs, cfg=cfg, seed=seed, salt=_SHUFFLE_SALT, train=train,
+                              process_index=process_index, process_count=process_count, pipeline_id=pid,
+                              counters=COUNTERS)
+    examples, fp = remix()
     packer = None if task == "dpo" else functools.partial(
         pipeline.pack_first_fit, seq_len=seq_len, bins=cfg.first_fit_bins, seed=seed,
         shuffle_bins=cfg.shuffle and train, meta_features=("loss_mask",), max_sequences=max_segments)
-    ds = pipeline.format_and_batch(examples, packer, cfg=cfg, batch_size=batch_size, train=train, pipeline_id=pid,
-                                   counters=COUNTERS)
-    fp = pipeline.fingerprint(components, srcs, cfg=cfg, seed=seed, train=train, process_index=process_index,
-                              process_count=process_count)
-    return ds, PipelineInfo(TASKS[task], tok, records, makers, merge_counts(r.skipped for r in records), pid, train,
-                            fp, cfg.on_source_change)
+    batches = functools.partial(pipeline.format_and_batch, pack=packer, cfg=cfg, batch_size=batch_size, train=train,
+                                pipeline_id=pid, counters=COUNTERS, num_sources=len(records))
+    info = PipelineInfo(TASKS[task], tok, records, makers, merge_counts(r.skipped for r in records), pid, train,
+                        fp, cfg.on_source_change, restream=pipeline.restreamer(remix, batches), remix=remix)
+    return batches(examples), info
 
 
 def make_instruct_iterator(cfg: DataConfig, task: str, *, seq_len: int, batch_size: int, seed: int,
@@ -221,6 +246,11 @@ def _fmt(d: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in sorted(d.items()) if v)
 
 
+def _duplicates(records: list[Records]) -> str:
+    """Per source (in source order), the duplicates its scan removed."""
+    return ", ".join(f"{r.label}={r.duplicates}" for r in records)
+
+
 def report(it: DataIterator) -> dict:
     """`it.stats()` of an SFT or DPO iterator."""
     c, m = it.counts, it.metrics
@@ -229,6 +259,8 @@ def report(it: DataIterator) -> dict:
     return {
         "task": it.task,
         "records": {r.label: len(r) for r in it.info.sources},  # valid records per source (scan)
+        # data.dedup: per source, the records dropped as exact duplicates of earlier ones
+        "duplicates": {r.label: r.duplicates for r in it.info.sources},
         "skipped": {k: v for k, v in skipped.items() if v},  # malformed (scan) and too long (built)
         "examples_built": c["examples"],  # conversations / pairs made (includes ones still buffered)
         "truncated": c["truncated"],  # SFT: end of a conversation cut; DPO: start of a prompt cut
@@ -240,6 +272,7 @@ def report(it: DataIterator) -> dict:
         "examples_per_row": m["segments"] / m["rows"] if m["rows"] else 0.0,
         "seconds_waiting": it.seconds_waiting,
         "padding_batches": m["padding_batches"],
+        "mixture": it.mixture(),  # per source: target share, realised share of tokens
     }
 
 

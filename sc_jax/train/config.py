@@ -8,7 +8,7 @@ import math
 from typing import Any
 
 from sc_jax.config import ConfigError, ModelConfig, from_dict, known_only, load_yaml, model_preset, to_dict
-from sc_jax.data.config import DataConfig
+from sc_jax.data.config import LEGACY_WEIGHT_UNIT, DataConfig
 from sc_jax.optimizer import OptimizerConfig
 from sc_jax.sharding import MeshConfig
 
@@ -133,13 +133,47 @@ def config_changes(saved: dict, cfg: Config) -> list[tuple[str, Any, Any]]:
     """(key, saved value, new value) for every key where `cfg` differs from a saved config (a
     checkpoint's meta or config.yaml, perhaps written by another version: keys it lacks take
     their defaults, keys this version does not know are ignored)."""
-    known = known_only(Config, saved)
+    known = with_legacy_values(known_only(Config, saved))
     try:
         known = to_dict(from_dict(Config, known))
     except ConfigError:  # a value this version reads differently: compare what is there
         pass
     old, new = by_key(known), by_key(to_dict(cfg))
     return [(k, old[k], new[k]) for k in new if k in old and old[k] != new[k]]
+
+
+# Keys whose value, in a config saved before they existed, is not today's default (what that code
+# did), and which a resumed run keeps from its saved config unless given another value than the default.
+LEGACY_VALUES = {("data", "weight_unit"): LEGACY_WEIGHT_UNIT}
+
+
+def with_legacy_values(saved: dict) -> dict:
+    """A saved config dict with the LEGACY_VALUES of the keys it lacks (in sections it has)."""
+    out = dict(saved)
+    for (section, key), value in LEGACY_VALUES.items():
+        if isinstance(out.get(section), dict) and key not in out[section]:
+            out[section] = {**out[section], key: value}
+    return out
+
+
+def keep_saved_values(saved: dict, cfg: Config) -> list[str]:
+    """Before a resume: the LEGACY_VALUES keys left at today's default take the saved run's value
+    (a run mixed by documents goes on mixed by documents); returns notes for the log."""
+    notes = []
+    saved = with_legacy_values(known_only(Config, saved))
+    for (section, key), _ in LEGACY_VALUES.items():
+        if not isinstance(saved.get(section), dict) or key not in saved[section]:
+            continue
+        part = getattr(cfg, section)
+        default = getattr(type(part)(), key)
+        was = saved[section][key]
+        if getattr(part, key) == default and was != default:
+            setattr(part, key, was)
+            if key == "weight_unit" and len(cfg.data.sources) < 2:
+                continue  # one source: nothing is mixed, nothing to say
+            notes.append(f"{section}.{key}: the resumed run keeps its saved value {was!r} (today's default is "
+                         f"{default!r}; --restart to start over with it)")
+    return notes
 
 
 def by_key(cfg: dict) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 
-from sc_jax.train.config import refuse_changed_config, resume_notes
+from sc_jax.train.config import keep_saved_values, refuse_changed_config, resume_notes
 from sc_jax.train.data import global_placer, make_data
 from sc_jax.train.metrics import MetricsLog, Progress, step_cost
 from sc_jax.train.preemption import Preemption, fault_injection_pause
@@ -92,6 +92,8 @@ def start(cfg, preempt: Preemption, restart: bool) -> Trainer:
     run_dir = checked_run_dir(cfg.train.run_dir)
     saved = None if restart else saved_run_config(run_dir)
     if saved is not None:
+        for note in keep_saved_values(saved, cfg):
+            log(note)
         refuse_changed_config(run_dir, saved, cfg, "config.yaml")
     tokenizer, tokenizer_json = open_tokenizer(cfg)
     s = setup(cfg)
