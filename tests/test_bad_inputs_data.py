@@ -104,6 +104,11 @@ ROWS = [
     BadInput("inspect: config not YAML", INSPECT, ["--config", "cfg.yaml"],
              ("'cfg.yaml' cannot be read as yaml (line 2)", "cannot start any token"),
              setup=lambda d: open(os.path.join(d, "cfg.yaml"), "w").write("data:\n\ttokenizer: tok.json\n")),
+    BadInput("inspect: dedup_dir missing", INSPECT, ["--config", "cfg.yaml", "data.dedup=true", "data.dedup_dir=gone"],
+             ("data.dedup_dir 'gone' does not exist", "writable directory", "''"), setup=with_config()),
+    BadInput("inspect: dedup_dir is a file", INSPECT,
+             ["--config", "cfg.yaml", "data.dedup=true", "data.dedup_dir=tok.json"],
+             ("data.dedup_dir 'tok.json' is not a directory", "writable directory"), setup=with_config()),
     BadInput("inspect: batch size 0", INSPECT, ["--config", "cfg.yaml", "--batch-size", "0"],
              ("--batch-size", "0 must be at least 1", "--help"), setup=with_config()),
     # sc_jax.data.tfds_builder

@@ -14,7 +14,7 @@ from cli_harness import REPO, BadInput, run_bad_input
 from sc_jax.data import DataConfig, SourceConfig
 from sc_jax.instruct import make_instruct_iterator
 from sc_jax.instruct.dedup import main as dedup_main
-from sc_jax.instruct.duplicates import HashIndex, record_hash
+from sc_jax.instruct.duplicates import HashIndex, parse_for_key, record_hash
 
 TOKENIZER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "iterator_states", "tokenizer.json")
 
@@ -124,6 +124,21 @@ def test_dpo_pairs_are_keyed_on_prompt_chosen_and_rejected(tmp_path, capsys):
     it = make_instruct_iterator(cfg, "dpo", seq_len=64, batch_size=2, seed=0)
     assert it.stats()["duplicates"] == {"p.jsonl": 2} and it.stats()["records"] == {"p.jsonl": 9}
     it.close()
+
+
+def test_progress_is_reported_as_records_are_read_and_a_file_given_twice_is_named_by_input(tmp_path):
+    from sc_jax.instruct.duplicates import dedup_files
+
+    src = write(tmp_path / "x.jsonl", [conv(f"Q{i}", "A") for i in range(25)])
+    seen = []
+    with HashIndex(str(tmp_path), batch=8) as index, open(tmp_path / "o.jsonl", "wb") as out:
+        reports = dedup_files([("one", [src]), ("two", [src])], out, index=index, show=1,
+                              progress=lambda rep: seen.append((rep.label, rep.records)), every=10)
+        first = index.first(record_hash("sft", parse_for_key("sft", conv("Q0", "A"))), (9, 9, 9))
+    assert first == (0, 0, 1)  # source 0, input 0 (not the last input that is the same file), line 1
+    assert seen == [("one", 10), ("one", 20), ("two", 5), ("two", 15), ("two", 25)]  # every 10 of 50 read
+    assert [(r.kept, r.duplicates, r.across) for r in reports] == [(25, 0, 0), (0, 25, 25)]
+    assert reports[1].examples == [f"{src}:1 duplicates {src}:1"]
 
 
 def test_lines_that_are_not_records_are_kept_as_they_are(tmp_path, capsys):

@@ -219,10 +219,7 @@ def test_pg_sleep_times_out_and_the_backend_is_cancelled(engines, pg_server):
         t0 = time.monotonic()
         rec = score(pg, "restaurants/0", query)
         assert rec["timeout"] and not rec["error_db_exec"] and time.monotonic() - t0 < TIMEOUT + 3, rec
-    with _connect(pg_server.admin_dsn, autocommit=True) as conn:
-        active = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep%' "
-                              "AND state = 'active' AND pid <> pg_backend_pid()").fetchone()[0]
-    assert active == 0
+    assert active_sleeps(pg_server) == 0
     assert score(pg, "restaurants/0", BY_NAME["restaurants/0"].query)["exact_match"]  # the connection still works
 
 
@@ -240,6 +237,42 @@ def test_the_watchdog_cancels_a_query_the_server_does_not(engines, monkeypatch):
     rec = score(engines["postgres"], "restaurants/0", "SELECT pg_sleep(60)")
     assert rec["timeout"] and time.monotonic() - t0 < TIMEOUT, rec
     assert score(engines["postgres"], "restaurants/0", BY_NAME["restaurants/0"].query)["exact_match"]
+
+
+def active_sleeps(pg_server) -> int:
+    with _connect(pg_server.admin_dsn, autocommit=True) as conn:
+        return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep%' "
+                            "AND state = 'active' AND pid <> pg_backend_pid()").fetchone()[0]
+
+
+# each batch of rows is its own FETCH, each with its own statement_timeout: the first query switches
+# it off for the later FETCHes, the second stays under it in every FETCH (1, 2, ..., 64 rows)
+SLOW_FETCHES = ("SELECT set_config('statement_timeout', '0', false), pg_sleep(0.3) FROM generate_series(1, 100)",
+                "SELECT pg_sleep(0.02) FROM generate_series(1, 1000)")
+
+
+@pytest.mark.parametrize("grace", [sql_db.WATCHDOG_GRACE_S, 60.0], ids=["watchdog", "no-watchdog"])
+@pytest.mark.parametrize("query", SLOW_FETCHES, ids=["timeout-off", "many-fetches"])
+def test_a_query_over_many_fetches_stops_at_the_time_limit(engines, pg_server, monkeypatch, grace, query):
+    monkeypatch.setattr(sql_db, "WATCHDOG_GRACE_S", grace)  # 60: the deadline between FETCHes alone
+    t0 = time.monotonic()
+    rec = score(engines["postgres"], "restaurants/0", query)
+    assert rec["timeout"] and not rec["error_db_exec"] and time.monotonic() - t0 < TIMEOUT + 2, rec
+    assert active_sleeps(pg_server) == 0
+    assert score(engines["postgres"], "restaurants/0", BY_NAME["restaurants/0"].query)["exact_match"]
+
+
+def test_the_watchdog_repeats_until_the_block_exits_and_never_after():
+    calls = []
+    with sql_db._watchdog(0.1, lambda: calls.append(time.monotonic())) as fired:
+        time.sleep(0.75)  # fires at 0.1, 0.3, 0.5, 0.7 s
+    n, exited = len(calls), time.monotonic()
+    time.sleep(0.5)
+    assert fired == [True] and 3 <= n == len(calls) and calls[-1] < exited
+    with sql_db._watchdog(0.1, lambda: calls.append(0)) as fired:
+        pass
+    time.sleep(0.3)
+    assert fired == [] and len(calls) == n
 
 
 def test_the_server_runs_as_an_unprivileged_user(pg_server):

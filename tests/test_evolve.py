@@ -128,6 +128,39 @@ def test_progress_drops_a_torn_line_and_refuses_other_settings(tmp_path):
         ev.Progress(path, {"seed": 1})
 
 
+def test_a_kill_while_writing_the_header_leaves_no_progress_file(tmp_path, monkeypatch):
+    path = tmp_path / "p.jsonl"
+
+    def killed(fd):
+        raise KeyboardInterrupt  # stands for a kill between opening the file and its fsync
+
+    with monkeypatch.context() as m:
+        m.setattr(ev.os, "fsync", killed)
+        with pytest.raises(KeyboardInterrupt):
+            ev.Progress(str(path), {"seed": 0})
+    assert os.listdir(tmp_path) == []  # neither the file nor its temporary: the rerun starts afresh
+    path.write_bytes(b"")  # an empty file, as older code could leave it, counts as none
+    ev.Progress(str(path), {"seed": 0}).add(1, 0, [{"x": 1}])
+    assert ev.Progress(str(path), {"seed": 0}).done == {(1, 0): [{"x": 1}]}
+
+
+def test_the_progress_file_names_the_step_and_older_ones_stay_readable(tmp_path):
+    from sc_jax.instruct.evolve import _checked_model
+
+    run = tmp_path / "run"
+    for step in (3, 5):
+        (run / "checkpoints" / str(step) / "model").mkdir(parents=True)
+    progress = tmp_path / "p.jsonl"
+    assert _checked_model(str(progress), str(run)) is None  # none yet: the newest step, 5, is recorded
+    for made_with, want in ((run / "checkpoints" / "5", None), (run, str(run))):  # this step; before steps
+        progress.write_text(json.dumps({"header": {"checkpoint": str(made_with)}}) + "\n")
+        assert _checked_model(str(progress), str(run)) == want
+    progress.write_text(json.dumps({"header": {"checkpoint": str(run / "checkpoints" / "3")}}) + "\n")
+    assert _checked_model(str(progress), str(run / "checkpoints" / "3")) is None
+    with pytest.raises(ConfigError, match="rerun with --checkpoint .*checkpoints/3 to go on"):
+        _checked_model(str(progress), str(run))
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -251,7 +284,21 @@ def _seeds(d):
     os.makedirs(os.path.join(d, "ckpt"))
 
 
+def _progress_of_an_older_step(d):
+    """A run directory that trained on (steps 3 and 5) after a progress file was made with step 3."""
+    _seeds(d)
+    for step in (3, 5):
+        os.makedirs(os.path.join(d, "run", "checkpoints", str(step), "model"))
+    with open(os.path.join(d, "o.jsonl.progress.jsonl"), "w") as f:
+        f.write(json.dumps({"header": {"checkpoint": os.path.join(d, "run", "checkpoints", "3")}}) + "\n")
+
+
 BAD = [
+    BadInput("evolve: the run directory gained a newer step", EVOLVE,
+             ["--seeds", "s.json", "--checkpoint", "run", "--out", "o.jsonl"],
+             ("made with the model at", os.path.join("checkpoints", "3"), os.path.join("checkpoints", "5"),
+              "rerun with --checkpoint", "delete the progress file"), setup=_progress_of_an_older_step,
+             leaves=("o.jsonl",)),
     BadInput("evolve: missing seeds", EVOLVE, ["--seeds", "nope.json", "--checkpoint", "ckpt", "--out", "o.jsonl"],
              ("seed file", "does not exist"), setup=_seeds, leaves=("o.jsonl",)),
     BadInput("evolve: unknown operation", EVOLVE, ["--seeds", "s.json", "--checkpoint", "ckpt", "--out", "o.jsonl",

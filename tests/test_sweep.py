@@ -243,3 +243,22 @@ def test_help_documents_the_options(capsys):
     for word in ("--config", "--grid", "--steps", "--out", "--launcher", "--subprocess", "--summarize-only",
                  "--compile-cache", "--log-y", "summary.csv", "loss_curves.png", "submit_all.sh", "exit codes"):
         assert word in text, word
+
+
+def test_a_legacy_mixed_run_directory_is_not_another_experiment(tmp_path):
+    """config.yaml written before data.weight_unit existed (>= 2 sources): the trainer resumes it
+    mixed by documents, so the sweep must not call it another run; a real change still shows."""
+    from sc_jax.config import to_dict
+    from sc_jax.sweep.status import config_changes
+    from sc_jax.train.config import Config, from_dict
+
+    data = {"sources": [{"kind": "jsonl", "path": str(tmp_path / "a.jsonl"), "weight": 0.8},
+                        {"kind": "jsonl", "path": str(tmp_path / "b.jsonl"), "weight": 0.2}]}
+    cfg = from_dict(Config, {**TINY, "train": {**TINY["train"], "data": "mixture"}, "data": data})
+    saved = to_dict(cfg)
+    del saved["data"]["weight_unit"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert config_changes(str(tmp_path), cfg) == []
+    assert cfg.data.weight_unit == "tokens"  # compared as resumed, the caller's config is untouched
+    cfg.optimizer.peak_lr = 0.5
+    assert [c.split(":")[0] for c in config_changes(str(tmp_path), cfg)] == ["optimizer.peak_lr"]

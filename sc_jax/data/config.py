@@ -138,10 +138,13 @@ class DataConfig:
     on_source_change: str = "error"
     # What the source weights share out: "tokens" (the paper's sense: 0.8 code = 80% of the training
     # tokens, whatever the document lengths) or "documents" (80% of the documents drawn). Tokens:
-    # each source's tokens per unit are estimated at start-up from `weight_sample` of its units
-    # (drawn by the seed, the same on every host and resume) and the draw rates set to weight / that.
+    # each source's tokens per unit are estimated at start-up from at least `weight_sample` of its
+    # units, then more until the estimate's relative standard error is under 0.5% or
+    # `weight_sample_max` units are read (drawn by the seed, the same on every host and resume),
+    # and the draw rates set to weight / that.
     weight_unit: str = "tokens"
     weight_sample: int = 256
+    weight_sample_max: int = 16384
     # SFT/DPO: drop exact duplicates (whitespace and role spellings normalised), across files and
     # sources, keeping the first in source order (sc_jax.instruct.duplicates). The seen hashes go
     # to an on-disk index in `dedup_dir` ("" = the system's temporary directory).
@@ -203,6 +206,9 @@ class DataConfig:
                     "weight_sample"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key} = {getattr(self, key)} must be at least 1")
+        if self.weight_sample_max < self.weight_sample:
+            raise ConfigError(f"data.weight_sample_max = {self.weight_sample_max} must be at least data.weight_sample "
+                              f"({self.weight_sample})")
         for key in ("num_workers", "max_file_bytes", "max_line_length", "max_repo_bytes"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"data.{key} = {getattr(self, key)} must not be negative")
@@ -221,7 +227,17 @@ class DataConfig:
                 if src.fim_rate is not None:
                     check_rate(f"{where}.fim_rate", src.fim_rate)
         check_languages([x for s in [self] + self.sources + self.eval_sources for x in (s.languages or [])])
+        if self.dedup and self.dedup_dir:
+            self._check_dedup_dir()
         for ext in self.extensions:
             if not ext.startswith("."):
                 raise ConfigError(f"data.extensions: '{ext}' must start with a dot")
         return self
+
+    def _check_dedup_dir(self) -> None:
+        where = self.dedup_dir
+        problem = ("does not exist" if not os.path.exists(where) else "is not a directory" if not os.path.isdir(where)
+                   else "is not writable" if not os.access(where, os.W_OK | os.X_OK) else None)
+        if problem:
+            raise ConfigError(f"data.dedup_dir '{where}' {problem}: give a writable directory for the dedup hash "
+                              "index, or '' for the system's temporary directory")

@@ -112,9 +112,10 @@ class PipelineInfo:
     train: bool
     fingerprint: dict | None = None  # pipeline.fingerprint: stored in every state, checked on restore
     on_source_change: str = "error"  # data.on_source_change
-    # weight_unit -> (a fresh inner iterator over the same scanned sources, its fingerprint): what
-    # a state saved before data.weight_unit existed (mixed by documents) is restored onto.
-    restream: Callable[[str], tuple[grain.DatasetIterator, dict]] | None = None
+    # (weight_unit, rates=None) -> (a fresh inner iterator over the same scanned sources, its
+    # fingerprint): what a state saved before data.weight_unit existed (mixed by documents), or with
+    # another estimate of tokens per unit, is restored onto.
+    restream: Callable[..., tuple[grain.DatasetIterator, dict]] | None = None
     remix: Callable | None = None  # weight_unit -> (the examples, their fingerprint): pipeline.mixture
 
 
@@ -216,20 +217,32 @@ class DataIterator(grain.DatasetIterator):
                                else np.zeros_like(self._source_tokens))
 
     def _restream_if_older(self, saved) -> None:
-        """A state saved before data.weight_unit existed indexes a stream mixed by documents: when
-        this iterator mixes by tokens, it is rebuilt mixed by documents (same sources, no rescan)
-        so that the state resumes exactly where it was saved."""
+        """A state saved before data.weight_unit existed indexes a stream mixed by documents, and one
+        whose token mixture's estimate of tokens per unit differs (another sampling rule: older code
+        read a fixed sample) a stream with its own rates: this iterator is rebuilt so (same sources,
+        no rescan) for the state to resume exactly where it was saved."""
         now = self.info.fingerprint
-        if isinstance(saved, dict) and "weight_unit" in saved:
-            return
         if now is None or self.info.restream is None or not pipeline.mixes(now):
+            return
+        if isinstance(saved, dict) and "weight_unit" in saved:
+            rates = pipeline.saved_rates(saved, now)
+            if rates is None:
+                return
+            log.info("data: this state's token mixture was estimated at %s tokens per unit (now %s): it resumes "
+                     "its stream with those", [round(t, 1) for t in rates],
+                     [round(s["tokens_per_unit"], 1) for s in now["sources"]])
+            self._rebuild(*self.info.restream("tokens", rates))
             return
         if now.get("weight_unit") == LEGACY_WEIGHT_UNIT:
             return
         log.info("data: this state was saved before data.weight_unit existed: it resumes its stream, mixed by "
                  "documents (weight_unit=documents)")
+        self._rebuild(*self.info.restream(LEGACY_WEIGHT_UNIT))
+
+    def _rebuild(self, inner, fp: dict) -> None:
+        """Reads from `inner` (a fresh iterator of another stream over the same sources) from now on."""
         old = self._inner
-        self._inner, fp = self.info.restream(LEGACY_WEIGHT_UNIT)
+        self._inner = inner
         self.info = dataclasses.replace(self.info, fingerprint=fp)
         grain.DatasetIterator.__init__(self, self._inner)
         close = getattr(old, "close", None)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import sys
 import threading
 import time
@@ -262,41 +263,118 @@ class TokenMix(grain.MapDataset):
         return f"TokenMix(rates={self.rates})"
 
 
-def unit_tokens(components: list[Component], *, seed: int, sample: int, counters: stats.CounterSet,
-                pipeline_id: str) -> list[float]:
-    """Per source, the mean input tokens of its units (a dropped unit counts 0: it takes a draw
-    and gives nothing), over `sample` units drawn from (seed, source index): the same on every
-    host and every resume. The counts the sample's examples made are discarded."""
-    out = []
-    for i, c in enumerate(components):
-        rng = np.random.default_rng([int(seed), i, 0x70C5])
-        units = rng.choice(c.size, size=min(sample, c.size), replace=False) if c.size > sample else range(c.size)
-        total = 0
-        for u in units:
-            example = c.make(int(u), int(u))
-            total += example_tokens(example) if example is not None else 0
-        out.append(total / len(units))
+# The token mixture's estimate of each source's mean tokens per unit is sampled until its relative
+# standard error is below this (or data.weight_sample_max units are read): a 0.5% error moves an
+# 80:20 mix by under 0.1 point. Heavy-tailed sizes (repositories) need far more than a fixed sample.
+WEIGHT_RSE = 0.005
+
+
+@dataclasses.dataclass
+class TokenEstimate:
+    """One source's mean input tokens per unit over `n` sampled units, and its relative standard error."""
+
+    mean: float
+    rse: float
+    n: int
+
+
+def _rse(tokens: list[int], size: int) -> float:
+    """The relative standard error of the mean of `tokens`, units sampled without replacement
+    from `size` (finite-population corrected: every unit read gives 0)."""
+    n, mean = len(tokens), float(np.mean(tokens)) if tokens else 0.0
+    if n >= size:
+        return 0.0
+    if n < 2 or mean <= 0:
+        return float("inf")
+    return float(np.std(tokens, ddof=1)) / math.sqrt(n) * math.sqrt((size - n) / (size - 1)) / mean
+
+
+def _sample_order(size: int, first: int, seed: int, i: int):
+    """Unit ids to sample from source i, without repeats: the `first` drawn as one choice (what
+    a fixed sample of that size drew), then the others in an order drawn from (seed, i)."""
+    rng = np.random.default_rng([int(seed), i, 0x70C5])
+    if size <= first:
+        yield from range(size)
+        return
+    chosen = [int(u) for u in rng.choice(size, size=first, replace=False)]
+    yield from chosen
+    used = set(chosen)
+    more = np.random.default_rng([int(seed), i, 0x70C5, 1])
+    if size <= 1 << 22:
+        yield from (int(u) for u in more.permutation(size) if int(u) not in used)
+        return
+    while True:  # sparse: the caller stops before every unit is used
+        for u in more.integers(size, size=4096):
+            if int(u) not in used:
+                used.add(int(u))
+                yield int(u)
+
+
+def source_estimate(c: Component, i: int, *, seed: int, sample: int, sample_max: int,
+                    progress: Callable[[int, TokenEstimate], None] | None = None) -> TokenEstimate:
+    """Source i's mean input tokens per unit (a dropped unit counts 0: it takes a draw and gives
+    nothing): at least `sample` units, then more, `sample` at a time, until the relative standard
+    error is under WEIGHT_RSE or `sample_max` units are read. Drawn from (seed, i) alone: the same
+    on every host, worker and resume."""
+    tokens, limit = [], min(c.size, max(sample, sample_max))
+    for u in _sample_order(c.size, min(sample, c.size), seed, i):
+        example = c.make(u, u)
+        tokens.append(example_tokens(example) if example is not None else 0)
+        n = len(tokens)
+        if n >= limit or (n >= sample and n % sample == 0):
+            est = TokenEstimate(float(np.mean(tokens)), _rse(tokens, c.size), n)
+            if n >= limit or est.rse < WEIGHT_RSE:
+                return est
+            if progress is not None:
+                progress(i, est)
+    return TokenEstimate(float(np.mean(tokens)) if tokens else 0.0, _rse(tokens, c.size), len(tokens))
+
+
+def unit_tokens(components: list[Component], *, seed: int, sample: int, sample_max: int, counters: stats.CounterSet,
+                pipeline_id: str, progress=None) -> tuple[list[float], list[TokenEstimate]]:
+    """(per source, the mean tokens per unit the token mixture's rates use; the estimates). The
+    counts the sampled examples made are discarded."""
+    found = [source_estimate(c, i, seed=seed, sample=sample, sample_max=sample_max, progress=progress)
+             for i, c in enumerate(components)]
     counters.take(pipeline_id)
-    known = [t for t in out if t > 0]
+    known = [e.mean for e in found if e.mean > 0]
     if not known:
-        return [1.0] * len(out)
+        return [1.0] * len(found), found
     # A source whose sample gave nothing: drawn as if average (its weight then counts documents).
-    return [t if t > 0 else sum(known) / len(known) for t in out]
+    return [e.mean if e.mean > 0 else sum(known) / len(known) for e in found], found
+
+
+def _estimating_progress(labels: list[str]):
+    """Logs sampling that takes long, every 10 s."""
+    t0, last = time.time(), [time.time()]
+
+    def report(i: int, est: TokenEstimate) -> None:
+        if time.time() - last[0] >= 10:
+            last[0] = time.time()
+            log.info("data: estimating tokens per unit of %s: %d units read, mean %.1f +- %.2f%% (%.0fs)",
+                     labels[i], est.n, est.mean, 100 * est.rse, time.time() - t0)
+
+    return report
 
 
 def mixture(components: list[Component], srcs: list[SourceConfig], *, cfg: DataConfig, seed: int, salt: int,
             train: bool, process_index: int, process_count: int, pipeline_id: str, counters: stats.CounterSet,
-            weight_unit: str | None = None) -> tuple[grain.MapDataset, dict]:
+            weight_unit: str | None = None, rates: list[float] | None = None) -> tuple[grain.MapDataset, dict]:
     """(example_stream, its fingerprint) with the mixture by `weight_unit` (default data.weight_unit).
-    Only a training stream of several sources mixes: the others ignore it."""
+    Only a training stream of several sources mixes: the others ignore it. `rates`: by tokens, the
+    tokens per unit to use instead of estimating them (a saved state's)."""
     unit = cfg.weight_unit if weight_unit is None else weight_unit
-    rates = None
-    if train and len(components) > 1 and unit == "tokens":
+    if not (train and len(components) > 1 and unit == "tokens"):
+        rates = None
+    elif rates is None:
         t0 = time.time()
-        rates = unit_tokens(components, seed=seed, sample=cfg.weight_sample, counters=counters,
-                            pipeline_id=pipeline_id)
-        log.info("data: tokens per unit %s (from up to %d units per source, %.1fs)",
-                 [round(t, 1) for t in rates], cfg.weight_sample, time.time() - t0)
+        labels = [s.label() for s in srcs]
+        rates, found = unit_tokens(components, seed=seed, sample=cfg.weight_sample, sample_max=cfg.weight_sample_max,
+                                   counters=counters, pipeline_id=pipeline_id, progress=_estimating_progress(labels))
+        log.info("data: tokens per unit %s (%.1fs; target relative error %.1f%%, at most %d units per source)",
+                 ", ".join(f"{name} {e.mean:.1f} +- {100 * e.rse:.2f}% ({e.n} units)"
+                           for name, e in zip(labels, found)), time.time() - t0, 100 * WEIGHT_RSE,
+                 cfg.weight_sample_max)
     ds = example_stream(components, seed=seed, salt=salt, shuffle=cfg.shuffle, train=train,
                         process_index=process_index, process_count=process_count, unit_tokens=rates,
                         pipeline_id=pipeline_id)
@@ -306,10 +384,11 @@ def mixture(components: list[Component], srcs: list[SourceConfig], *, cfg: DataC
 
 
 def restreamer(remix: Callable, batches: Callable) -> Callable:
-    """weight_unit -> (a fresh iterator of batches, its fingerprint): `remix` (a partial of
-    `mixture`) mixed by that unit, then `batches` (a partial of `format_and_batch`)."""
-    def restream(weight_unit: str):
-        examples, fp = remix(weight_unit=weight_unit)
+    """(weight_unit, rates=None) -> (a fresh iterator of batches, its fingerprint): `remix` (a partial
+    of `mixture`) mixed by that unit (by tokens: with those tokens per unit, when given), then
+    `batches` (a partial of `format_and_batch`)."""
+    def restream(weight_unit: str, rates: list[float] | None = None):
+        examples, fp = remix(weight_unit=weight_unit, rates=rates)
         return batches(examples).__iter__(), fp
 
     return restream
@@ -391,6 +470,17 @@ def changes(saved: dict, now: dict) -> list[str]:
                     "tokens_per_unit", 1.0) for a, b in zip(old, new)):
                 out.append(f"tokens per unit {rate(old)} -> {rate(new)} (the token mixture's estimate)")
     return out
+
+
+def saved_rates(saved: dict, now: dict) -> list[float] | None:
+    """The tokens per unit of a state's token mixture when they are all that differs from `now`
+    (they were estimated by another rule, e.g. the fixed sample of older code): the stream the state
+    indexes is rebuilt with them. None otherwise."""
+    diff = changes(saved, now)
+    if len(diff) != 1 or not diff[0].startswith("tokens per unit "):
+        return None
+    rates = [s.get("tokens_per_unit") for s in saved["sources"]]
+    return [float(t) for t in rates] if all(isinstance(t, (int, float)) and t > 0 for t in rates) else None
 
 
 def other_host(saved: dict, now: dict) -> str | None:

@@ -8,8 +8,9 @@ Generated SQL is untrusted. Every query, gold or generated, runs
   reading only);
 * as a role with only SELECT rights where we make the server (``sc_eval_reader``, its
   default transactions read-only too);
-* under a time limit: PostgreSQL ``statement_timeout`` and SQLite's progress handler,
-  with a watchdog behind both that cancels the backend (interrupts SQLite) a second later;
+* under a time limit: PostgreSQL ``statement_timeout`` and SQLite's progress handler, no
+  further batch of rows read once it has passed, and a watchdog behind both that cancels the
+  backend (interrupts SQLite) a second later, and again every 0.2 s until the query is over;
 * with at most `max_rows` rows and 256 MiB read back, through a server-side cursor.
 """
 
@@ -58,9 +59,11 @@ def _plain(value: Any) -> Any:
     return float(value) if isinstance(value, decimal.Decimal) else value
 
 
-def _fetch(cursor, max_rows: int, max_bytes: int = MAX_RESULT_BYTES) -> Table:
+def _fetch(cursor, max_rows: int, max_bytes: int = MAX_RESULT_BYTES, deadline: float = float("inf")) -> Table:
     """At most `max_rows` rows and about `max_bytes` of values, read in growing batches (1, 2, 4, ...
-    rows): a query making huge values is stopped after one batch, not after `max_rows` of them."""
+    rows): a query making huge values is stopped after one batch, not after `max_rows` of them.
+    No batch is asked for after `deadline` (time.monotonic()): on PostgreSQL each batch is its own
+    FETCH with its own statement_timeout, which the query itself may have switched off."""
     rows: list[tuple] = []
     size, batch = 0, 1
     while True:
@@ -73,29 +76,39 @@ def _fetch(cursor, max_rows: int, max_bytes: int = MAX_RESULT_BYTES) -> Table:
             raise QueryError(f"the result is larger than {max_bytes / 2**20:g} MiB")
         if len(got) < batch:
             break
+        if time.monotonic() > deadline:
+            raise QueryTimeout("the time limit passed while the rows were read")
         batch = min(2 * batch, 1024)
     columns = [d[0] for d in cursor.description or []]
     return Table(columns, rows)
 
 
 @contextlib.contextmanager
-def _watchdog(seconds: float, stop):
-    """Calls `stop()` if the block is still running after `seconds`; yields a flag list that
-    holds True when it did."""
+def _watchdog(seconds: float, stop, every: float = 0.2):
+    """Calls `stop()` once the block has run `seconds`, and again every `every` s until it exits
+    (PostgreSQL drops a cancel that arrives between two FETCHes); yields a flag list that holds
+    True once it did. No call starts after the block exits, so none can hit the next query."""
     fired: list[bool] = []
+    finished = threading.Event()
+    lock = threading.Lock()  # held by each stop() and by the exit: they never overlap
 
-    def fire():
-        fired.append(True)
-        with contextlib.suppress(Exception):  # a connection already gone needs no cancelling
-            stop()
+    def watch():
+        delay = seconds
+        while not finished.wait(max(delay, 0.0)):
+            with lock:
+                if finished.is_set():
+                    return
+                fired[:] = [True]
+                with contextlib.suppress(Exception):  # a connection already gone needs no cancelling
+                    stop()
+            delay = every
 
-    timer = threading.Timer(seconds, fire)
-    timer.daemon = True
-    timer.start()
+    threading.Thread(target=watch, daemon=True, name="sql-watchdog").start()
     try:
         yield fired
     finally:
-        timer.cancel()
+        with lock:
+            finished.set()
 
 
 def _first_line(e: BaseException) -> str:
@@ -165,6 +178,7 @@ class PostgresEngine:
     def run(self, db_name: str, query: str, timeout: float) -> Table:
         psycopg = _psycopg()
         conn = self._conn(db_name)
+        deadline = time.monotonic() + timeout
         try:
             with _watchdog(timeout + WATCHDOG_GRACE_S, conn.cancel_safe) as fired:
                 try:
@@ -174,7 +188,7 @@ class PostgresEngine:
                     # with parameters psycopg reads '%' as a placeholder, '%%' as a '%'
                     with conn.cursor(name="sc_eval") as cur:
                         cur.execute(query.replace("%", "%%"), [])
-                        return _fetch(cur, self.max_rows, self.max_bytes)
+                        return _fetch(cur, self.max_rows, self.max_bytes, deadline)
                 except psycopg.errors.QueryCanceled as e:
                     raise QueryTimeout(f"cancelled after {timeout:g} s ({_first_line(e)})") from None
                 except psycopg.Error as e:
@@ -453,7 +467,7 @@ class SqliteEngine:
         try:
             with _watchdog(timeout + WATCHDOG_GRACE_S, conn.interrupt):
                 cur = conn.execute(query)
-                return _fetch(cur, self.max_rows, self.max_bytes)
+                return _fetch(cur, self.max_rows, self.max_bytes, deadline)
         except sqlite3.OperationalError as e:
             if "interrupted" in str(e):
                 raise QueryTimeout(f"interrupted after {timeout:g} s") from None

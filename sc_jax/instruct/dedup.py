@@ -87,7 +87,7 @@ def run(args) -> int:
     t0 = time.time()
 
     def progress(rep):
-        print(f"  {rep.label}: {rep.records:,} records read, {rep.duplicates:,} duplicates", flush=True)
+        print(f"  {rep.label}: {rep.records:,} records read, {rep.duplicates:,} duplicates so far", flush=True)
 
     with HashIndex(args.tmp_dir, args.cache_mb, args.batch) as index, atomic_file(out, args.force) as tmp:
         with open(tmp, "wb") as f:

@@ -160,12 +160,14 @@ class SourceReport:
 
 
 def dedup_files(sources: list[tuple[str, list[str]]], out, *, task: str = "auto", index: HashIndex,
-                show: int = 10, progress=None) -> list[SourceReport]:
+                show: int = 10, progress=None, every: int = 100_000) -> list[SourceReport]:
     """Writes to `out` (a binary file) every line of `sources` ([(label, files)], in order) but the
-    duplicates; task "auto" decides per record (task_of). Lines are copied byte for byte."""
+    duplicates; task "auto" decides per record (task_of). Lines are copied byte for byte.
+    `progress(report)` is called every `every` records read (its duplicates: those found so far)."""
     names = [f for _, files in sources for f in files]
     reports = [SourceReport(label, files) for label, files in sources]
-    for (raw, where), first in index.first_of(_hashed_lines(sources, names, task, reports)):
+    lines = _hashed_lines(sources, task, reports, progress, every)
+    for (raw, where), first in index.first_of(lines):
         rep = reports[where[0]]
         if first is None:
             rep.kept += 1
@@ -175,23 +177,26 @@ def dedup_files(sources: list[tuple[str, list[str]]], out, *, task: str = "auto"
         rep.across += first[0] != where[0]
         if len(rep.examples) < show:
             rep.examples.append(f"{names[where[1]]}:{where[2]} duplicates {names[first[1]]}:{first[2]}")
-        if progress is not None and rep.records % 100_000 == 0:
-            progress(rep)
     return reports
 
 
-def _hashed_lines(sources, names: list[str], task: str, reports: list[SourceReport]):
-    """(hash or None, where, (line, where)) for every record line of the sources, in order."""
-    fids = {f: i for i, f in enumerate(names)}
+def _hashed_lines(sources, task: str, reports: list[SourceReport], progress, every: int):
+    """(hash or None, where, (line, where)) for every record line of the sources, in order; `where`
+    names the file by its position among all inputs (a file given twice is two inputs)."""
+    fid, read = -1, 0
     for s, (_, files) in enumerate(sources):
         rep = reports[s]
         for path in files:
+            fid += 1
             with (gzip.open if path.endswith(".gz") else open)(path, "rb") as f:
                 for line_no, raw in enumerate(f, 1):
                     if not raw.strip():
                         continue
                     rep.records += 1
-                    where = (s, fids[path], line_no)
+                    read += 1
+                    if progress is not None and read % every == 0:
+                        progress(rep)
+                    where = (s, fid, line_no)
                     yield line_hash(raw, task, rep), where, (raw, where)
 
 

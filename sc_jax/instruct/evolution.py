@@ -29,6 +29,7 @@ import re
 import numpy as np
 
 from sc_jax.config import ConfigError
+from sc_jax.fileio import atomic_file
 
 # ----------------------------------------------------------------------------- templates
 
@@ -205,13 +206,23 @@ class Progress:
     def __init__(self, path: str, header: dict):
         self.path, self.header = path, header
         self.done: dict[tuple[int, int], list[dict]] = {}
-        if os.path.exists(path):
+        if os.path.exists(path) and os.path.getsize(path) > 0:
             self._load()
-        else:
-            with open(path, "w", encoding="utf-8") as f:
+        else:  # the header appears whole or not at all (an empty file, from older code, counts as none)
+            with atomic_file(path, force=True) as tmp, open(tmp, "w", encoding="utf-8") as f:
                 f.write(json.dumps({"header": header}) + "\n")
                 f.flush()
                 os.fsync(f.fileno())
+
+    @staticmethod
+    def saved_header(path: str) -> dict | None:
+        """The header of an existing progress file (None: there is none yet, or it is unreadable)."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                header = json.loads(f.readline()).get("header")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return header if isinstance(header, dict) else None
 
     def _load(self) -> None:
         with open(self.path, "rb") as f:

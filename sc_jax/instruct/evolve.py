@@ -17,6 +17,8 @@ SFT records (the first user turn).
 Progress goes to OUT.progress.jsonl (--progress), one line per chunk of --batch-size prompts,
 fsync'd; a rerun of the same command after a kill goes on from there and writes the same OUT as
 an uninterrupted run (every chunk's sampling seeds come from --seed, the round and the chunk).
+The progress file names the checkpoint step loaded: a rerun after the run directory gained a
+newer step is refused (pass the step directory to go on).
 OUT is written when every round is done, to a temporary file moved into place.
 """
 
@@ -81,13 +83,59 @@ def _settings(args):
                     temperature=args.temperature, top_p=args.top_p, seed=args.seed, min_words=args.min_words)
 
 
-def _header(args, settings, prompter) -> dict:
-    """What the progress file must have been made with to be resumed."""
+def _header(args, settings, prompter, model: str) -> dict:
+    """What the progress file must have been made with to be resumed (`model`: the checkpoint loaded)."""
     from sc_jax.instruct.evolution import settings_digest
 
-    return {"seeds": settings_digest(args.seeds), "limit": args.limit, "checkpoint": os.path.abspath(args.checkpoint),
+    return {"seeds": settings_digest(args.seeds), "limit": args.limit, "checkpoint": model,
             "format": prompter.format, **{k: (list(v) if isinstance(v, tuple) else v)
                                           for k, v in settings.__dict__.items()}}
+
+
+def _step_path(directory: str, step: int) -> str:
+    return os.path.join(os.path.abspath(directory), str(step))
+
+
+def _newest_model(path: str) -> str:
+    """The checkpoint --checkpoint loads now: a HF directory itself, else the directory of its
+    newest step (a run directory that trains on gains newer ones)."""
+    from sc_jax.checkpoint import resolve
+    from sc_jax.loading import check_checkpoint_path, is_hf_directory
+
+    check_checkpoint_path(path, "--checkpoint")
+    return os.path.abspath(path) if is_hf_directory(path) else _step_path(*resolve(path))
+
+
+def _load_model(path: str, tokenizer: str | None, batch_size: int):
+    """(Generator, the checkpoint it was loaded from): an orbax step that does not read back is
+    reported and the one before it used, as sc_jax.loading does."""
+    from sc_jax.checkpoint import first_readable, resolve
+    from sc_jax.generate import load_generator
+    from sc_jax.loading import is_hf_directory
+
+    if is_hf_directory(path):
+        return load_generator(path, tokenizer, batch_size=batch_size), os.path.abspath(path)
+    gen, step = first_readable(path, None, lambda d, s: load_generator(_step_path(d, s), tokenizer,
+                                                                      batch_size=batch_size))
+    return gen, _step_path(resolve(path)[0], step)
+
+
+def _checked_model(progress_path: str, checkpoint: str) -> str | None:
+    """Before loading: refuses a progress file made with another model than the one --checkpoint
+    names now (e.g. an older step of a run directory that trained on: one OUT would mix two models'
+    outputs). Returns what a progress file written before headers named the step recorded (the path
+    as given) to go on with, else None."""
+    from sc_jax.instruct.evolution import Progress
+
+    newest = _newest_model(checkpoint)
+    made_with = (Progress.saved_header(progress_path) or {}).get("checkpoint", newest)
+    if made_with == os.path.abspath(checkpoint) != newest:
+        return made_with
+    if made_with != newest:
+        raise ConfigError(f"progress file {progress_path} was made with the model at {made_with}, but --checkpoint "
+                          f"now loads {newest}: rerun with --checkpoint {made_with} to go on, or delete the progress "
+                          "file to start over with the new model")
+    return None
 
 
 def _pause_hook():
@@ -137,15 +185,14 @@ def run(args) -> int:
     out = check_new_file(args.out, args.force)
     settings = _settings(args)
     seeds = ev.read_seeds(args.seeds, args.limit)
-    from sc_jax.generate import load_generator  # JAX: seconds, after the inputs are checked
-
-    t0 = time.time()
-    gen = load_generator(args.checkpoint, args.tokenizer, batch_size=settings.batch_size)
-    prompter = ev.Prompter(gen)
     progress_path = args.progress or out + ".progress.jsonl"
-    progress = ev.Progress(progress_path, _header(args, settings, prompter))
+    recorded = _checked_model(progress_path, args.checkpoint)
+    t0 = time.time()
+    gen, model = _load_model(args.checkpoint, args.tokenizer, settings.batch_size)
+    prompter = ev.Prompter(gen)
+    progress = ev.Progress(progress_path, _header(args, settings, prompter, recorded or model))
     print(f"evolving {len(seeds)} seeds from {args.seeds}, {settings.rounds} round(s), {prompter.format} prompts, "
-          f"model {args.checkpoint} ({time.time() - t0:.1f}s to load); progress in {progress_path} "
+          f"model {model} ({time.time() - t0:.1f}s to load); progress in {progress_path} "
           f"({len(progress.done)} chunk(s) done before)", flush=True)
     results = ev.run_rounds(prompter, seeds, settings, progress, _reporter(len(seeds), settings.batch_size),
                             _pause_hook())

@@ -3,6 +3,7 @@ last attempt failed, whether it holds another experiment, and its summary row.""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -50,14 +51,17 @@ def read_error(run_dir: str) -> str | None:
 
 def config_changes(run_dir: str, cfg) -> list[str]:
     """What differs between the run directory's config.yaml and `cfg` beyond the keys a
-    resume may change (sc_jax.train.config.RESUME_SAFE): such a run directory is another experiment."""
-    from sc_jax.train.config import config_changes as changes, resume_safe
+    resume may change (sc_jax.train.config.RESUME_SAFE): such a run directory is another experiment.
+    Compared as the trainer resumes it: keys a saved run keeps (LEGACY_VALUES) take its values first."""
+    from sc_jax.train.config import config_changes as changes, keep_saved_values, resume_safe
     from sc_jax.train.run_dir import saved_run_config
 
     saved = saved_run_config(run_dir)
     if saved is None:
         return []
-    return [f"{k}: {old!r} -> {new!r}" for k, old, new in changes(saved, cfg) if not resume_safe(k)]
+    resumed = copy.deepcopy(cfg)  # the trainer logs keep_saved_values' notes when it resumes
+    keep_saved_values(saved, resumed)
+    return [f"{k}: {old!r} -> {new!r}" for k, old, new in changes(saved, resumed) if not resume_safe(k)]
 
 
 def point_result(p: Point, steps: int) -> dict:
