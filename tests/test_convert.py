@@ -209,8 +209,9 @@ def test_peak_memory_is_bounded_by_a_parameter_not_the_model(tmp_path):
     to_hf = _run_measured(convert + ["orbax-to-hf", "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "back")])
     # The whole-model path holds the model in fp32, and orbax a copy of it, before writing:
     # > 2x the checkpoint above the baseline. Streamed, it is a few of the largest parameter
-    # (the leaf, tensorstore's buffer of it) plus orbax's own ~90 MB of pools: ~0.6x here.
-    bound = baseline + 0.8 * size
+    # (the leaf, tensorstore's buffer of it) plus orbax's own ~90 MB of pools: 0.6-0.8x here,
+    # by how much of tensorstore's pools a run touches (one CI run: 0.803x).
+    bound = baseline + 1.0 * size
     assert to_orbax < bound, (to_orbax / 1e6, baseline / 1e6, size / 1e6)
     assert to_hf < bound, (to_hf / 1e6, baseline / 1e6, size / 1e6)
     assert hf_tensors(str(tmp_path / "back")) == hf_tensors(hf_dir)

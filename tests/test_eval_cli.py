@@ -28,7 +28,7 @@ def test_help():
     assert sub.returncode == 0 and "--temperature" in sub.stdout and "--workers" in sub.stdout
 
 
-COMMANDS = ("humaneval", "multipl-e", "fim", "check-canonical", "score")
+COMMANDS = ("humaneval", "multipl-e", "fim", "check-canonical", "score", "sql")
 
 
 def _options(parser):
