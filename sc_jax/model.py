@@ -149,8 +149,8 @@ def project(x, kernel, dt, contract: int = 1):
 
     Run as one 2-D matmul [rows, prod(in)] @ [prod(in), prod(out)], as torch's Linear does:
     XLA's CPU backend runs that faster than the einsum with batch and head dims kept
-    (bench/train.py). The reshapes are of contiguous arrays, and merged dims keep their
-    sharding (batch/seq rows, head columns), so meshes see the same dot."""
+    (bench/train.py). The reshapes are of contiguous arrays; on the 8-device CPU mesh every
+    layout still gives the single-device losses (tests/test_train.py). Not measured on GPU/TPU."""
     lead, inner, out = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:], kernel.shape[contract:]
     rows = x.astype(dt).reshape(-1, int(np.prod(inner)))
     if isinstance(kernel, Int8):  # the int8 values in the product, their scales on its output

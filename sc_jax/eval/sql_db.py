@@ -31,6 +31,7 @@ import threading
 import time
 from typing import Any
 
+from sc_jax.fileio import atomic_file
 from sc_jax.eval.execution import EvalError
 from sc_jax.eval.sql_data import copy_fields, parse_dump
 
@@ -404,9 +405,11 @@ def _sqlite_type(pg_type: str):
 def build_sqlite(db_name: str, path: str) -> None:
     """A SQLite copy of defog-data's `db_name` at `path` (tables and rows of its PostgreSQL dump)."""
     dump = parse_dump(db_name)
-    tmp = path + ".tmp"
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(tmp)
+    with atomic_file(path, force=True) as tmp:
+        _fill_sqlite(tmp, dump)
+
+
+def _fill_sqlite(tmp: str, dump) -> None:
     conn = sqlite3.connect(tmp)
     try:
         for table, columns in dump.tables.items():
@@ -423,7 +426,6 @@ def build_sqlite(db_name: str, path: str) -> None:
         conn.commit()
     finally:
         conn.close()
-    os.replace(tmp, path)
 
 
 def sqlite_path(db_dir: str, db_name: str) -> str | None:
