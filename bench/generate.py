@@ -24,7 +24,8 @@ The grid (the default) runs the quick start's model (2.6M params) and a 77M mode
 (vocab 50304) at batch 1 and 8 and prints one summary table.
 
 --precisions: the precision table. One random model of the size flags (default the 77M
-one) loaded as one sc_jax Generator per precision (fp32, bf16, weight-only int8), runs
+one) loaded as one sc_jax Generator per precision (fp32, bf16, weight-only int8, and int8-xla: int8
+whose products are XLA's convert + dot instead of sc_jax.int8_kernel's), runs
 interleaved, best of --repeats: decode tokens/s, prefill tokens/s (the prompt tokens over
 the time of a 1-token run), the weights' resident bytes and each one's ratio to fp32,
 and how many greedy rows equal fp32's.
@@ -107,7 +108,8 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true", help="also print sc_jax's most expensive XLA ops per step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--precisions", action="store_true", help="the precision table (fp32 / bf16 / int8) instead")
-    p.add_argument("--precision-list", default="float32,bfloat16,int8", help="the precisions of --precisions")
+    p.add_argument("--precision-list", default="float32,bfloat16,int8,int8-xla",
+                   help="the precisions of --precisions (int8-xla: int8 with XLA's convert + dot, not sc_jax.int8_kernel)")
     return p.parse_args(argv)
 
 
@@ -333,12 +335,11 @@ def precision_table(args, cfg) -> list[dict]:
     from flax import nnx
 
     from sc_jax import model as M
-    from sc_jax.generate import Generator
 
     params = nnx.split(M.create_model(dataclasses.replace(cfg, param_dtype="float32"), seed=args.seed))[1]
     params = jax.device_get(params.to_pure_dict())  # numpy: each Generator puts its own copy
     names = args.precision_list.split(",")
-    gens = {n: Generator(cfg, params, dtype=n, batch_size=args.batch) for n in names}
+    gens = {n: make_generator(cfg, params, n, args.batch) for n in names}
     del params
     lengths, prompts = bench_prompts(args, cfg.vocab_size)
     B, N = args.batch, args.new_tokens
@@ -349,6 +350,8 @@ def precision_table(args, cfg) -> list[dict]:
     runs, compile_s = {}, {}
     for name, gen in gens.items():
         run = (lambda g: lambda n: g.generate_ids(prompts, max_new_tokens=n, stop_tokens=()))(gen)
+        if name.endswith("-xla"):  # int8 through XLA's convert + dot, not sc_jax.int8_kernel
+            run = without_int8_kernel(run)
         compile_s[name] = timed(lambda: (run(N), run(1)))[0]
         runs[name], runs[name + "_pre"] = (lambda r: lambda: r(N))(run), (lambda r: lambda: r(1))(run)
     best, outs = interleaved_best(runs, args.repeats)
@@ -370,6 +373,30 @@ def precision_table(args, cfg) -> list[dict]:
     print(f"peak RSS of this process {peak_rss_gb():.2f} GB (all {len(gens)} models loaded at once); "
           f"load average {os.getloadavg()[0]:.1f} at the end")
     return rows
+
+
+def make_generator(cfg, params, name: str, batch: int):
+    """The Generator of a precision name; "int8-xla" is int8 built with sc_jax.int8_kernel off
+    (its compiled code is then its own: `generator._kernels` keys on the switch)."""
+    from sc_jax.generate import Generator
+
+    if not name.endswith("-xla"):
+        return Generator(cfg, params, dtype=name, batch_size=batch)
+    return without_int8_kernel(lambda: Generator(cfg, params, dtype=name.removesuffix("-xla"), batch_size=batch))()
+
+
+def without_int8_kernel(run):
+    """`run` with sc_jax.int8_kernel off while it runs (and traces): the XLA int8 product."""
+    from sc_jax import int8_kernel
+
+    def run_with_xla_product(*args):
+        int8_kernel.enabled = False
+        try:
+            return run(*args)
+        finally:
+            int8_kernel.enabled = True
+
+    return run_with_xla_product
 
 
 def peak_rss_gb() -> float:

@@ -4,6 +4,7 @@
     python bench/train.py                       # 162M StableLM, seq 512, batch 8, fp32, best of 3
     python bench/train.py --quick               # a tiny model: a smoke run of a minute
     python bench/train.py --variant "untiled: model.loss_tile=0" --variant "onednn: --xla_cpu_use_onednn=true"
+    python bench/train.py --xla-flags '' --variant "launch flags: --xla_cpu_experimental_ynn_fusion_type= ..."
 
 Ours is what `python -m sc_jax.train` runs: a `sc_jax.train` config (train.data=synthetic)
 -> `sc_jax.train.setup` -> `init_state` -> the jitted, donated step fed by the run's own
@@ -278,8 +279,9 @@ def main(argv=None) -> int:
                    help="transformers' attn_implementation")
     p.add_argument("--ours", action="append", default=[], metavar="KEY=VALUE",
                    help="sc_jax.train config override for our side (repeatable), e.g. model.loss_tile=0")
-    p.add_argument("--xla-flags", default=os.environ.get("XLA_FLAGS", ""),
-                   help="XLA_FLAGS of our side (default: the environment's)")
+    p.add_argument("--xla-flags", default=None,
+                   help="XLA_FLAGS of our side ('' = XLA's own defaults; default: the environment's, or where it "
+                        "has none, what `python -m sc_jax.train` sets: sc_jax.sweep.templates.CPU_TRAIN_XLA_FLAGS)")
     p.add_argument("--src", default=REPO, help="the checkout our side imports sc_jax from (default: this one)")
     p.add_argument("--variant", action="append", default=[], metavar="'LABEL: TOKENS'",
                    help="another of ours in the same rounds: config overrides and --xla_ flags on top of the base")
@@ -296,6 +298,11 @@ def main(argv=None) -> int:
     pinned = cores[:args.threads] if args.threads < len(cores) else None
     spec = {k: getattr(args, k) for k in ("layers", "hidden", "heads", "intermediate", "vocab", "seq", "batch",
                                           "threads", "torch_attn")}
+    if args.xla_flags is None:
+        sys.path.insert(0, os.path.abspath(args.src))
+        from sc_jax.sweep.templates import cpu_train_xla_flags
+
+        args.xla_flags = os.environ.get("XLA_FLAGS", cpu_train_xla_flags())
     base_flags = args.xla_flags.split()
     plan = [("sc_jax", "ours", args.ours, base_flags, os.path.abspath(args.src))]
     for text in args.variant:

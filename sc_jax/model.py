@@ -25,6 +25,7 @@ from flax import nnx
 
 from jax.ad_checkpoint import checkpoint_name
 
+from sc_jax import int8_kernel
 from sc_jax.attention import AttentionMask, attend, attention_path, cached_attention
 from sc_jax.config import DTYPES, ModelConfig
 from sc_jax.sharding import constrain
@@ -151,25 +152,34 @@ def project(x, kernel, dt, contract: int = 1):
     XLA's CPU backend runs that faster than the einsum with batch and head dims kept
     (bench/train.py). The reshapes are of contiguous arrays; on the 8-device CPU mesh every
     layout still gives the single-device losses (tests/test_train.py). Not measured on GPU/TPU."""
-    lead, inner, out = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:], kernel.shape[contract:]
+    lead, inner = x.shape[:x.ndim - contract], x.shape[x.ndim - contract:]
     rows = x.astype(dt).reshape(-1, int(np.prod(inner)))
-    if isinstance(kernel, Int8):  # the int8 values in the product, their scales on its output
-        y = (rows @ kernel.q.astype(dt).reshape(rows.shape[1], -1)) * kernel.scale.reshape(-1)
-        return y.astype(dt).reshape(*lead, *out)
+    if isinstance(kernel, Int8):  # q [prod(out), prod(in)]: the int8 values in the product, the scales on its output
+        out = kernel.scale.shape
+        return int8_product(rows, kernel.q, kernel.scale.reshape(-1), dt).reshape(*lead, *out)
+    out = kernel.shape[contract:]
     return (rows @ kernel.astype(dt).reshape(rows.shape[1], -1)).reshape(*lead, *out)
 
 
+def int8_product(rows, q, scale, out_dtype):
+    """rows [M,K] (in the compute dtype) @ int8 q [N,K] transposed, times scale [N] -> [M,N]
+    in out_dtype. On the CPU in fp32 the product is `int8_kernel`'s, which reads q as int8;
+    elsewhere XLA's dot, with q converted to the compute dtype and fp32 sums."""
+    if int8_kernel.applies(rows, q):
+        y = int8_kernel.matmul(rows, q, scale)
+    else:
+        y = jnp.matmul(rows, q.T.astype(rows.dtype), preferred_element_type=jnp.float32) * scale
+    return y.astype(out_dtype)
+
+
 class Int8(NamedTuple):
-    """A weight-only int8 kernel, as `QuantizedKernel[...]` reads it: q [*in, *out] int8
-    and fp32 scales [*out], one per output channel, symmetric: the weight is q * scale.
-    A [V,E] table (embedding, transposed head) has its rows as output channels: scale [V]."""
+    """A weight-only int8 kernel, as `QuantizedKernel[...]` reads it: q [prod(out), prod(in)]
+    int8, one row per output channel (as torch's Linear.weight), and fp32 scales [*out], one
+    per output channel, symmetric: the weight is q * scale. Rows, so that a product reads q
+    front to back (`int8_kernel`); a [V,E] table (embedding, transposed head) is that already."""
 
     q: jax.Array
     scale: jax.Array
-
-    @property
-    def shape(self):
-        return self.q.shape
 
 
 class QuantizedKernel(nnx.Module):
@@ -457,7 +467,8 @@ class DecodeModel(nnx.Module):
         dt = DTYPES[self.config.dtype]
         head = self.embed_tokens.embedding[...] if self.config.tie_word_embeddings else self.lm_head_t[...]
         if isinstance(head, Int8):  # [V,E] int8 rows, a scale per vocabulary row
-            return jnp.einsum("bte,ve->btv", x.astype(dt), head.q.astype(dt), preferred_element_type=jnp.float32) * head.scale
+            B, T, E = x.shape
+            return int8_product(x.astype(dt).reshape(B * T, E), head.q, head.scale, jnp.float32).reshape(B, T, -1)
         return jnp.einsum("bte,ve->btv", x.astype(dt), head.astype(dt), preferred_element_type=jnp.float32)
 
 
@@ -502,7 +513,8 @@ def quantize_decode_model(model: DecodeModel) -> None:
         for name in path[:-1]:
             parent = parent[name] if isinstance(name, int) else getattr(parent, name)
         shape = getattr(parent, path[-1]).shape
-        setattr(parent, path[-1], QuantizedKernel(shape, tuple(n for a, n in enumerate(shape) if a not in contracted)))
+        out = tuple(n for a, n in enumerate(shape) if a not in contracted)
+        setattr(parent, path[-1], QuantizedKernel((int(np.prod(out)), int(np.prod(shape)) // int(np.prod(out))), out))
 
 
 def quantize_int8(w, contracted) -> tuple[np.ndarray, np.ndarray]:
@@ -514,6 +526,14 @@ def quantize_int8(w, contracted) -> tuple[np.ndarray, np.ndarray]:
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
     q = np.clip(np.rint(w / scale), -127, 127).astype(np.int8)
     return q, np.squeeze(scale, axis=tuple(contracted))
+
+
+def int8_rows(q, contracted) -> np.ndarray:
+    """int8 values of a kernel, in its own layout -> [prod(out), prod(in)], `Int8`'s: the
+    output axes first, each output channel's inputs one contiguous row."""
+    out = [a for a in range(q.ndim) if a not in contracted]
+    rows = np.transpose(q, out + list(contracted))
+    return np.ascontiguousarray(rows.reshape(int(np.prod([q.shape[a] for a in out])), -1))
 
 
 def decode_state(cfg: ModelConfig, params: dict, weights: str | None = None) -> nnx.State:
@@ -536,7 +556,7 @@ def decode_state(cfg: ModelConfig, params: dict, weights: str | None = None) -> 
         if names not in kernels:
             return put(a)
         q, scale = quantize_int8(a, kernels[names])
-        return {"q": jnp.asarray(q), "scale": jnp.asarray(scale)}
+        return {"q": jnp.asarray(int8_rows(q, kernels[names])), "scale": jnp.asarray(scale)}
 
     state = nnx.state(abstract_decode_model(cfg, weights))
     state.replace_by_pure_dict(jax.tree_util.tree_map_with_path(place, pure, is_leaf=lambda a: isinstance(a, _Slice)))

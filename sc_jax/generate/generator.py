@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sc_jax import int8_kernel
 from sc_jax import model as M
 from sc_jax.attention import ATTENTION_CHUNK
 from sc_jax.config import DTYPES, ConfigError, ModelConfig
@@ -96,8 +97,9 @@ _KERNELS: dict[str, tuple] = {}
 
 def _kernels(cfg: ModelConfig, weights: str | None = None):
     """(jitted prefill, jitted decode) for a config and weight format, shared by every
-    generator of them so that reloading a model reuses the compiled code."""
-    key = repr((dataclasses.astuple(cfg), weights))
+    generator of them so that reloading a model reuses the compiled code. Whether int8
+    products take `int8_kernel` is read when they are traced, so it is part of the key."""
+    key = repr((dataclasses.astuple(cfg), weights, weights == "int8" and int8_kernel.enabled))
     if key not in _KERNELS:
         graphdef = nnx.graphdef(M.abstract_decode_model(cfg, weights))
         prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames=("cache_len", "new_len", "pad_id"))

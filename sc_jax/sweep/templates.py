@@ -9,7 +9,8 @@ The GPU script also sets the launch environment (GPU_ENV: JAX's memory pool frac
 XLA flags of GPU_XLA_FLAGS), each only where the user's environment leaves it unset, so
 `XLA_FLAGS=... sbatch ...` (or an empty XLA_FLAGS) replaces them. bench/mfu.py starts its
 measurements with the same values (`gpu_env_defaults`). The library itself sets neither:
-what a process runs with is the launcher's (or the user's) choice.
+what a process runs with is the launcher's (or the user's) choice. On the CPU, the training
+command is the launcher: it sets CPU_TRAIN_XLA_FLAGS where XLA_FLAGS is unset (`set_cpu_train_env`).
 
 A template's {{name}} is replaced by its value; a line that holds only an empty value goes.
 """
@@ -44,6 +45,40 @@ GPU_XLA_FLAGS = (
     ("--xla_disable_hlo_passes=rematerialization",
      "no recompute behind model.remat's back: over budget fails, not slows"),
 )
+
+
+# XLA's CPU flags for training, measured side by side by bench/train.py (162M StableLM, seq
+# 512 x batch 8, fp32, 2 cores of a Sapphire Rapids VM: README, "Benchmarks"). Set by
+# `python -m sc_jax.train` where XLA_FLAGS is unset; generation keeps XLA's defaults, where
+# YNNPACK's dots decode faster (bench/generate.py).
+CPU_TRAIN_XLA_FLAGS = (
+    ("--xla_cpu_experimental_ynn_fusion_type=",
+     "matmuls by XLA's own (Eigen) dot, not YNNPACK's: 0.78-1.04x torch's against 0.65-0.69x per shape"),
+    ("--xla_cpu_prefer_vector_width=512", "512-bit vectors in XLA's own loops (only where the CPU has AVX-512)"),
+)
+
+
+def _has_avx512() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return " avx512f" in f.read()
+    except OSError:
+        return False
+
+
+def cpu_train_xla_flags() -> str:
+    """CPU_TRAIN_XLA_FLAGS that apply to this machine, as one XLA_FLAGS value."""
+    return " ".join(flag for flag, _ in CPU_TRAIN_XLA_FLAGS if "vector_width=512" not in flag or _has_avx512())
+
+
+def set_cpu_train_env(environ=os.environ) -> bool:
+    """Sets XLA_FLAGS to `cpu_train_xla_flags()` where it is unset (an XLA_FLAGS of the user's,
+    even empty, is kept whole); must run before jax starts its backend. True if it set it.
+    Only XLA's CPU compiler reads these flags: on GPU and TPU hosts they change nothing."""
+    if "XLA_FLAGS" in environ:
+        return False
+    environ["XLA_FLAGS"] = cpu_train_xla_flags()
+    return True
 
 
 def gpu_env_defaults() -> dict[str, str]:

@@ -42,6 +42,9 @@ def _interrupted_while_loading(*_):
 # `python -m sc_jax.train` and the `sc-train` console script (not when a test imports main).
 if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "sc-train":
     signal.signal(signal.SIGINT, _interrupted_while_loading)
+    from sc_jax.sweep.templates import set_cpu_train_env
+
+    set_cpu_train_env()  # XLA's CPU flags that train faster, where XLA_FLAGS is unset (README)
 
 from sc_jax.cli import Parser  # noqa: E402
 from sc_jax.config import ConfigError, to_dict  # noqa: E402
