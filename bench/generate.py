@@ -350,8 +350,6 @@ def precision_table(args, cfg) -> list[dict]:
     runs, compile_s = {}, {}
     for name, gen in gens.items():
         run = (lambda g: lambda n: g.generate_ids(prompts, max_new_tokens=n, stop_tokens=()))(gen)
-        if name.endswith("-xla"):  # int8 through XLA's convert + dot, not sc_jax.int8_kernel
-            run = without_int8_kernel(run)
         compile_s[name] = timed(lambda: (run(N), run(1)))[0]
         runs[name], runs[name + "_pre"] = (lambda r: lambda: r(N))(run), (lambda r: lambda: r(1))(run)
     best, outs = interleaved_best(runs, args.repeats)
@@ -377,26 +375,12 @@ def precision_table(args, cfg) -> list[dict]:
 
 def make_generator(cfg, params, name: str, batch: int):
     """The Generator of a precision name; "int8-xla" is int8 built with sc_jax.int8_kernel off
-    (its compiled code is then its own: `generator._kernels` keys on the switch)."""
+    (its compiled code is its own and traces with the kernel off: `generator._kernels`)."""
+    from sc_jax import int8_kernel
     from sc_jax.generate import Generator
 
-    if not name.endswith("-xla"):
-        return Generator(cfg, params, dtype=name, batch_size=batch)
-    return without_int8_kernel(lambda: Generator(cfg, params, dtype=name.removesuffix("-xla"), batch_size=batch))()
-
-
-def without_int8_kernel(run):
-    """`run` with sc_jax.int8_kernel off while it runs (and traces): the XLA int8 product."""
-    from sc_jax import int8_kernel
-
-    def run_with_xla_product(*args):
-        int8_kernel.enabled = False
-        try:
-            return run(*args)
-        finally:
-            int8_kernel.enabled = True
-
-    return run_with_xla_product
+    with int8_kernel.switched(not name.endswith("-xla")):
+        return Generator(cfg, params, dtype=name.removesuffix("-xla"), batch_size=batch)
 
 
 def peak_rss_gb() -> float:

@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     spec = {k: getattr(args, k) for k in ("layers", "hidden", "heads", "intermediate", "vocab", "seq", "batch",
                                           "threads", "torch_attn")}
     if args.xla_flags is None:
-        sys.path.insert(0, os.path.abspath(args.src))
+        sys.path.insert(0, REPO)  # this checkout's launch flags, whichever --src our side imports
         from sc_jax.sweep.templates import cpu_train_xla_flags
 
         args.xla_flags = os.environ.get("XLA_FLAGS", cpu_train_xla_flags())

@@ -6,23 +6,27 @@ XLA's CPU dot takes float operands only, so `q.astype(f32) @ ...` writes an fp32
 every kernel before its dot, on every decode step, and int8 decodes no faster than fp32
 (README, "Weight-only int8"). The kernel is compiled on first use with the machine's C++
 compiler (g++ or $CXX, -O3 -march=native) against the XLA FFI headers jaxlib ships, into
-~/.cache/sc_jax/kernels (or $SC_JAX_CACHE/kernels), keyed by the source, jax's version and
-the compiler command, and registered with jax.ffi once per process. Where no compiler is
+~/.cache/sc_jax/kernels (or $SC_JAX_CACHE/kernels), keyed by the source, jax's version, the
+compiler command and the CPU, and registered with jax.ffi once per process. Where no compiler is
 found, the build fails or the CPU has no AVX-512, `available()` is False, one warning says
 why, and `model.project` keeps XLA's convert + dot: same results to fp32 rounding, slower.
 
-`model.project` and `DecodeModel.logits` call `matmul` for int8 kernels with fp32
-activations on the CPU; `enabled` turns that off (bench/generate.py's "int8-xla" row).
+`model.int8_product` (the projections and the LM head) calls `matmul` for int8 kernels with
+fp32 activations on the CPU (`applies`); `enabled` / `switched(False)` turns that off
+(bench/generate.py's "int8-xla" row).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
+import platform
 import shlex
 import shutil
 import subprocess
+import threading
 import warnings
 
 import jax
@@ -35,6 +39,8 @@ TARGET = "sc_jax_int8_matmul"
 
 enabled = True  # False: int8 products go through XLA's convert + dot (an A/B switch for benches)
 _state: dict = {}  # "ok": bool once tried; "why": the reason it is not available
+_lock = threading.Lock()
+BUILD_TIMEOUT_S = 300
 
 
 def _compiler() -> list[str] | None:
@@ -47,6 +53,17 @@ def _cache_dir() -> str:
     return os.path.join(root, "kernels")
 
 
+def _cpu_fingerprint() -> str:
+    """This CPU's model and feature flags: a library built with -march=native for one CPU may
+    not run on another (a cache shared over NFS), so they are part of the cache key."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f.read().splitlines() if line.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
 def _build() -> str:
     """The shared library's path, compiled now unless the cache holds this exact build."""
     cxx = _compiler()
@@ -54,36 +71,61 @@ def _build() -> str:
         raise RuntimeError("no C++ compiler found (install g++, or set CXX)")
     flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir()]
     with open(SOURCE, "rb") as f:
-        key = hashlib.sha256(f.read() + repr((cxx, flags, jax.__version__)).encode()).hexdigest()[:16]
+        key = hashlib.sha256(f.read() + repr((cxx, flags, jax.__version__, _cpu_fingerprint())).encode()).hexdigest()[:16]
     path = os.path.join(_cache_dir(), f"int8_matmul-{key}.so")
     if not os.path.exists(path):
         with atomic_file(path, force=True) as tmp:
-            done = subprocess.run([*cxx, *flags, SOURCE, "-o", tmp], capture_output=True, text=True)
+            try:
+                done = subprocess.run([*cxx, *flags, SOURCE, "-o", tmp], capture_output=True, text=True,
+                                      timeout=BUILD_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"{' '.join(cxx)} did not finish in {BUILD_TIMEOUT_S} s") from None
             if done.returncode != 0:
                 raise RuntimeError(f"{' '.join(cxx)} failed: {done.stderr.strip()[-500:]}")
     return path
 
 
+NO_AVX512 = "this CPU has no AVX-512, and the kernel's plain loops are slower than XLA's product"
+
+
 def available() -> bool:
     """Whether the kernel is built and registered (built on the first call in a process)."""
-    if "ok" not in _state:
-        try:
-            library = ctypes.cdll.LoadLibrary(_build())
-            if not library.ScInt8MatmulVectorized():
-                raise RuntimeError("this CPU has no AVX-512, and the kernel's plain loops are slower than XLA's product")
-            jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.ScInt8Matmul), platform="cpu")
-            _state["ok"] = True
-        except (RuntimeError, OSError) as e:
-            _state.update(ok=False, why=str(e))
-            warnings.warn(f"sc_jax's int8 CPU kernel is not available ({e}); int8 products use XLA's "
-                          "convert + dot (correct, but no faster than fp32)", stacklevel=2)
+    with _lock:
+        if "ok" not in _state:
+            try:
+                _load()
+                _state["ok"] = True
+            except (RuntimeError, OSError) as e:
+                _state.update(ok=False, why=str(e))
+                warnings.warn(f"sc_jax's int8 CPU kernel is not available ({e}); int8 products use XLA's "
+                              "convert + dot (correct, but no faster than fp32)", stacklevel=2)
     return _state["ok"]
 
 
+def _load() -> None:
+    library = ctypes.cdll.LoadLibrary(_build())
+    if not library.ScInt8MatmulVectorized():  # compiled in, and this CPU runs it
+        raise RuntimeError(NO_AVX512)
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.ScInt8Matmul), platform="cpu")
+
+
 def applies(x, q) -> bool:
-    """Whether `matmul` takes this product: on, fp32 activations, int8 weights, on the CPU."""
-    return (enabled and x.dtype == jnp.float32 and q.dtype == jnp.int8
+    """Whether `matmul` takes this product: on, fp32 activations, int8 weights whose rows are
+    a multiple of 16 long (the AVX-512 blocks'), on the CPU."""
+    return (enabled and x.dtype == jnp.float32 and q.dtype == jnp.int8 and q.shape[-1] % 16 == 0
             and jax.default_backend() == "cpu" and available())
+
+
+@contextlib.contextmanager
+def switched(on: bool):
+    """`enabled` = on inside the block (what traces there, and the generator it builds, keep
+    it), the previous value after."""
+    global enabled
+    before, enabled = enabled, on
+    try:
+        yield
+    finally:
+        enabled = before
 
 
 def matmul(x, q, scale):

@@ -159,11 +159,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ScInt8Matmul, Int8Matmul,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
-// 1 where the AVX-512 blocks were compiled in; without them the plain loops are slower than
-// XLA's own product, and sc_jax does not use the kernel (int8_kernel.available()).
+// 1 where the AVX-512 blocks were compiled in and this CPU has AVX-512; otherwise the plain
+// loops would be slower than XLA's own product, and sc_jax does not use the kernel.
 extern "C" int ScInt8MatmulVectorized() {
 #if defined(__AVX512F__)
-  return 1;
+  return __builtin_cpu_supports("avx512f") ? 1 : 0;  // a library built elsewhere, on this CPU
 #else
   return 0;
 #endif

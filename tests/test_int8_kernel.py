@@ -22,10 +22,10 @@ SHAPES = [(1, 7, 5), (3, 33, 70), (5, 64, 128), (9, 96, 131), (1, 512, 50304)]
 @pytest.fixture(scope="module")
 def kernel():
     if not int8_kernel.available():
-        message = f"the int8 kernel did not build: {int8_kernel._state.get('why')}"
-        if os.environ.get("CI"):
-            pytest.fail(message)  # .ci/run installs g++: under CI this is a defect, not a skip
-        pytest.skip(message)
+        why = int8_kernel._state.get("why")
+        if os.environ.get("CI") and why != int8_kernel.NO_AVX512:
+            pytest.fail(f"the int8 kernel did not build: {why}")  # .ci/run installs g++: a defect, not a skip
+        pytest.skip(f"the int8 kernel is not available: {why}")
     return int8_kernel
 
 
@@ -67,13 +67,11 @@ def test_project_calls_the_kernel_and_agrees_with_xla(kernel):
     hlo = jax.jit(int8_projection).lower(x, q, scale).as_text()
     assert kernel.TARGET in hlo
     got = jax.jit(int8_projection)(x, q, scale)
-    kernel.enabled = False
-    try:
+    with kernel.switched(False):
         fresh = jax.jit(lambda *a: int8_projection(*a))  # a new function: jit's trace cache would keep the kernel
         assert kernel.TARGET not in fresh.lower(x, q, scale).as_text()
         xla = fresh(x, q, scale)
-    finally:
-        kernel.enabled = True
+    assert kernel.enabled
     assert got.shape == (2, 3, 8, 10)
     np.testing.assert_allclose(np.asarray(got).reshape(6, 80), want, rtol=0, atol=2e-6 * np.abs(want).max())
     np.testing.assert_allclose(np.asarray(got), np.asarray(xla), rtol=0, atol=2e-6 * np.abs(want).max())
@@ -92,7 +90,7 @@ def test_no_compiler_warns_once_and_falls_back(tmp_path):
         import warnings
         import jax.numpy as jnp, numpy as np
         from sc_jax import int8_kernel, model as M
-        x = np.ones((2, 8), np.float32); q = np.full((3, 8), 2, np.int8); s = np.full(3, 0.5, np.float32)
+        x = np.ones((2, 16), np.float32); q = np.full((3, 16), 2, np.int8); s = np.full(3, 0.5, np.float32)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             y = M.project(x, M.Int8(jnp.asarray(q), jnp.asarray(s)), jnp.float32)
@@ -106,6 +104,31 @@ def test_no_compiler_warns_once_and_falls_back(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     available, values, warned = done.stdout.strip().splitlines()
-    assert available == "False" and values == str([[8.0, 8.0, 8.0]] * 2)
+    assert available == "False" and values == str([[16.0, 16.0, 16.0]] * 2)
     assert warned.count("int8 CPU kernel is not available") == 1 and "no-such-compiler" in warned
     assert not list((tmp_path / "cache").rglob("*.so*"))  # nothing half-built left in the cache
+
+
+def test_a_generator_keeps_the_switch_it_was_built_with(kernel, monkeypatch):
+    """An int8 generator built with the kernel off traces without it even when it first runs
+    with the kernel on (its compiled code is its own: generator._kernels' key), and the other
+    way round."""
+    from flax import nnx
+
+    from sc_jax import generate as G
+    from sc_jax.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, max_position_embeddings=64, eos_token_id=0, bos_token_id=0).validate()
+    params = jax.device_get(nnx.split(M.create_model(cfg, seed=0))[1].to_pure_dict())
+    calls, real = [], kernel.matmul
+    monkeypatch.setattr(kernel, "matmul", lambda *a: calls.append(a) or real(*a))
+    with kernel.switched(False):
+        off = G.TokenGenerator(cfg, params, dtype="int8")
+    on = G.TokenGenerator(cfg, params, dtype="int8")
+    prompts = [[1, 2, 3, 4, 5]]
+    off.generate_ids(prompts, max_new_tokens=3, stop_tokens=())  # first traced here, with the switch on
+    assert not calls
+    with kernel.switched(False):
+        on.generate_ids(prompts, max_new_tokens=3, stop_tokens=())
+    assert calls  # traced with the kernel, as built

@@ -98,12 +98,22 @@ _KERNELS: dict[str, tuple] = {}
 def _kernels(cfg: ModelConfig, weights: str | None = None):
     """(jitted prefill, jitted decode) for a config and weight format, shared by every
     generator of them so that reloading a model reuses the compiled code. Whether int8
-    products take `int8_kernel` is read when they are traced, so it is part of the key."""
-    key = repr((dataclasses.astuple(cfg), weights, weights == "int8" and int8_kernel.enabled))
+    products take `int8_kernel` is part of the key, and holds whenever the two trace."""
+    use_kernel = weights == "int8" and int8_kernel.enabled
+    key = repr((dataclasses.astuple(cfg), weights, use_kernel))
     if key not in _KERNELS:
         graphdef = nnx.graphdef(M.abstract_decode_model(cfg, weights))
-        prefill = jax.jit(functools.partial(_prefill, graphdef), static_argnames=("cache_len", "new_len", "pad_id"))
-        decode = jax.jit(functools.partial(_decode, graphdef, cfg.max_position_embeddings),
+
+        def keyed(fn):  # fn traces with the int8 kernel switched as the key says, whenever it traces
+            @functools.wraps(fn)
+            def traced(*args, **kwargs):
+                with int8_kernel.switched(use_kernel):
+                    return fn(*args, **kwargs)
+            return traced
+
+        prefill = jax.jit(keyed(functools.partial(_prefill, graphdef)),
+                          static_argnames=("cache_len", "new_len", "pad_id"))
+        decode = jax.jit(keyed(functools.partial(_decode, graphdef, cfg.max_position_embeddings)),
                          static_argnames=("greedy", "filtered", "pad_id"), donate_argnames=("carry",))
         _KERNELS[key] = (prefill, decode)
     return _KERNELS[key]
