@@ -84,12 +84,14 @@ def heldout_loss(gen, batches) -> float:
     import jax
     import jax.numpy as jnp
 
+    from sc_jax.train.step import token_losses
+
     model = gen.model()
 
     @jax.jit
     def sums(batch):
         logits = model.score(batch["input_ids"], batch["positions"], batch["segment_ids"])  # [B,T,V] fp32
-        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None], -1)[..., 0]
+        nll = token_losses(logits, batch["targets"])  # the run's own eval_loss per token
         mask = batch["loss_mask"] > 0
         return jnp.where(mask, nll, 0.0).sum(), mask.sum()
 

@@ -17,6 +17,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from sc_jax.config import first_line  # noqa: F401  (re-exported for the commands)
+
 
 class HelpFormatter(argparse.HelpFormatter):
     """Ends each option's help with its default (unless the help already gives it in words: a
@@ -105,11 +107,8 @@ def bounded(cast: type, low: float, high: float | None = None, *, low_open: bool
 # ----------------------------------------------------------------------------- error lines and paths
 
 
-def first_line(e: BaseException) -> str:
-    """The first line of an exception's message (its type's name when it has none): `error:` lines
-    are one line."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+# first_line (the one line of an exception an `error:` line shows) is defined with ConfigError,
+# where library modules can reach it too; the commands import it from here.
 
 
 

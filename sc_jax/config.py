@@ -28,6 +28,13 @@ class ConfigError(ValueError):
     """A config problem a user can fix; the message says what to change."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): `error:` lines
+    are one line."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 # ----------------------------------------------------------------------------- generic
 
 

@@ -266,7 +266,8 @@ def test_token_mix_draws_each_source_at_its_rate():
         mine = [x for src, x in got if src == s]
         assert mine == list(range(len(mine)))
         assert abs(len(mine) - share[s] * 20000) <= 2
-    assert mix[123456789] == mix[123456789]  # random access, no state
+    far = mix[123456789]
+    assert TokenMix(parts, [0.5, 0.01, 3.0])[123456789] == far == mix[123456789]  # random access, no state
 
 
 def test_saved_run_configs_without_weight_unit_keep_documents():

@@ -225,8 +225,9 @@ class Executor:
     def resolve(self) -> str:
         """Absolute path of the first stage's executable, after checking that every executable
         and library the stages need is there; raises ExecutorUnavailableError naming the package."""
-        found = [_which(exe) for exe in self._tools()]
-        for exe, path in zip(self._tools(), found):
+        tools = self._tools()
+        found = [find_executable(exe) for exe in tools]
+        for exe, path in zip(tools, found):
             if path is None:
                 raise self._missing(f"executable {exe!r} not found")
         for lib in self.libraries:
@@ -251,11 +252,11 @@ class Executor:
         subst.update({lib.name: lib.find() or lib.name for lib in self.libraries})
         argv = [part.format(**subst) for part in template]
         if "{" not in template[0]:
-            argv[0] = _which(template[0]) or argv[0]
+            argv[0] = find_executable(template[0]) or argv[0]
         return argv
 
 
-def _which(exe: str) -> str | None:
+def find_executable(exe: str) -> str | None:
     """`exe` if absolute and executable, else the first on the sandbox's PATH, then the caller's."""
     if os.path.isabs(exe):
         return exe if os.access(exe, os.X_OK) else None

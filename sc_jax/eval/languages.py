@@ -33,7 +33,7 @@ import subprocess
 import tempfile
 import threading
 
-from sc_jax.eval.execution import Executor, Library, register_executor
+from sc_jax.eval.execution import Executor, Library, find_executable, register_executor
 
 #: where Debian's libjavatuples-java and lua-unit put the test libraries MultiPL-E's prompts use
 JAVATUPLES = Library("javatuples", ("$SC_EVAL_JAVATUPLES_JAR", "/usr/share/java/javatuples.jar"),
@@ -213,7 +213,7 @@ def _go_cache_template() -> str | None:
                     + ")\n\nfunc TestWarm(t *testing.T) {\n" + uses + "\n}\n")
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": root, "GOCACHE": os.path.join(root, "go-build"),
                "GOPATH": os.path.join(root, "go"), **dict(GO_ENV)}
-        go = shutil.which("go", path="/usr/local/bin:/usr/bin:/bin") or shutil.which("go")
+        go = find_executable("go")
         try:
             ok = go is not None and subprocess.run(
                 [go, "test", "-c", "-o", os.path.join(root, "warm.test"), src], env=env, cwd=root,

@@ -280,7 +280,7 @@ def run_command(args, load_generator: Callable, gen_kwargs: dict) -> humaneval.E
             gen = load_generator(args.ckpt, args.tokenizer)
             t0 = time.monotonic()
             samples = _generated(questions, gen.complete, {**gen_kwargs, "progress": not args.no_progress})
-            meta.update({k: v for k, v in gen_kwargs.items()}, ckpt=os.path.abspath(args.ckpt),
+            meta.update(gen_kwargs, ckpt=os.path.abspath(args.ckpt),
                         generation_seconds=round(time.monotonic() - t0, 2))
             benchmark = "sql"
         return score_samples(benchmark, questions, samples, db, timeout=args.timeout,

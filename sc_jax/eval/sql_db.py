@@ -31,6 +31,7 @@ import threading
 import time
 from typing import Any
 
+from sc_jax.config import first_line
 from sc_jax.fileio import atomic_file
 from sc_jax.eval.execution import EvalError
 from sc_jax.eval.sql_data import copy_fields, parse_dump
@@ -112,11 +113,6 @@ def _watchdog(seconds: float, stop, every: float = 0.2):
             finished.set()
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
 # ----------------------------------------------------------------------------- PostgreSQL
 
 
@@ -134,7 +130,7 @@ def check_dsn(dsn: str) -> dict:
     try:
         return psycopg.conninfo.conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as e:  # the text may hold a password: not echoed
-        raise EvalError(f"--dsn is not a libpq connection string or postgresql:// URI ({_first_line(e)}): "
+        raise EvalError(f"--dsn is not a libpq connection string or postgresql:// URI ({first_line(e)}): "
                         "e.g. 'host=HOST port=5432 user=USER' or postgresql://USER@HOST:5432") from None
 
 
@@ -151,7 +147,7 @@ def _connect(dsn: str, db_name: str | None = None, **kw):
         return psycopg.connect(conninfo, connect_timeout=10, **kw)
     except psycopg.OperationalError as e:
         where = f"database {db_name!r} on " if db_name else ""
-        raise EvalError(f"cannot connect to {where}the PostgreSQL server at '{_shown(dsn)}' ({_first_line(e)}): "
+        raise EvalError(f"cannot connect to {where}the PostgreSQL server at '{_shown(dsn)}' ({first_line(e)}): "
                         "check --dsn, "
                         "and that the server runs and has the defog-data databases (--restore creates them)") from None
 
@@ -191,11 +187,11 @@ class PostgresEngine:
                         cur.execute(query.replace("%", "%%"), [])
                         return _fetch(cur, self.max_rows, self.max_bytes, deadline)
                 except psycopg.errors.QueryCanceled as e:
-                    raise QueryTimeout(f"cancelled after {timeout:g} s ({_first_line(e)})") from None
+                    raise QueryTimeout(f"cancelled after {timeout:g} s ({first_line(e)})") from None
                 except psycopg.Error as e:
                     if fired:
                         raise QueryTimeout(f"cancelled by the watchdog after {timeout:g} s") from None
-                    raise QueryError(_first_line(e)) from None
+                    raise QueryError(first_line(e)) from None
         finally:
             self._end(db_name, conn)
 
@@ -473,9 +469,9 @@ class SqliteEngine:
         except sqlite3.OperationalError as e:
             if "interrupted" in str(e):
                 raise QueryTimeout(f"interrupted after {timeout:g} s") from None
-            raise QueryError(_first_line(e)) from None
+            raise QueryError(first_line(e)) from None
         except (sqlite3.Error, sqlite3.Warning, ValueError, OverflowError) as e:
-            raise QueryError(_first_line(e)) from None
+            raise QueryError(first_line(e)) from None
         finally:
             conn.set_progress_handler(None, 0)
             conn.rollback()

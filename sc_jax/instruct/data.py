@@ -30,7 +30,7 @@ from sc_jax.data.iterator import DataIterator, PipelineInfo, TaskSpec
 from sc_jax.data.jsonl import JsonlIndex
 from sc_jax.data.sources import DataError
 from sc_jax.data.stats import CounterSet, merge_counts
-from sc_jax.instruct.chat import ChatFormat, RecordError, dpo_example, parse_chat, parse_pair, sft_example
+from sc_jax.instruct.chat import ChatFormat, RecordError, dpo_example, sft_example
 from sc_jax.instruct import duplicates
 from sc_jax.instruct.duplicates import HashIndex, record_hash
 from sc_jax.tokenizer import Tokenizer
@@ -54,7 +54,7 @@ def parse_record(task: str, raw: bytes):
         obj = json.loads(raw)
     except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
         raise RecordError("bad_json", f"bad JSON ({e})") from None
-    return parse_chat(obj) if task == "sft" else parse_pair(obj)
+    return duplicates.parse_for_key(task, obj)
 
 
 def _valid_rows(index: JsonlIndex, task: str, strict: bool, skipped: dict[str, int], wanted):

@@ -162,7 +162,7 @@ def keep_saved_values(saved: dict, cfg: Config) -> list[str]:
     notes = []
     saved = with_legacy_values(known_only(Config, saved))
     for (section, key), _ in LEGACY_VALUES.items():
-        if not isinstance(saved.get(section), dict) or key not in saved[section]:
+        if not isinstance(saved.get(section), dict):  # with_legacy_values gave every saved section its key
             continue
         part = getattr(cfg, section)
         default = getattr(type(part)(), key)
