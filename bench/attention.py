@@ -4,7 +4,8 @@
 
 On the CPU it compares the exact paths `auto` may pick there: reference, chunked (its default
 1024-query blocks, and 64/128/256), jax.nn.dot_product_attention's "xla" implementation with
-the dense mask; fp32, 3 documents + 10% padding per row. Every path runs in this one process,
+the dense mask, and sc_jax's CPU kernel (`cpu`, sc_jax.cpu_attention); fp32, 3 documents +
+10% padding per row. Every path runs in this one process,
 interleaved round by round; a path's time is its best round (each round --iters calls). The
 ratio against the reference uses this process's CPU time on the CPU (what other work on a
 shared machine disturbs least; wall time is printed beside it), wall time elsewhere.
@@ -52,6 +53,7 @@ def cpu_paths(seg):
         **{f"chunked, {c}-query blocks": functools.partial(lambda q, k, v, c: A.chunked_attention(q, k, v, mask, chunk=c), c=c)
            for c in (64, 128, 256)},
         'jax.nn.dot_product_attention "xla"': lambda q, k, v: A.xla_attention(q, k, v, mask),
+        "cpu (sc_jax's kernel)": lambda q, k, v: A.cpu_kernel_attention(q, k, v, seg),
     }
 
 

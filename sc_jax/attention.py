@@ -10,12 +10,15 @@
   other batches the packed-rows call, segments as offsets, `model.max_segments` per row.
 - `splash`: the Pallas TPU splash-attention kernel with segment ids (interpret mode, i.e.
   the same kernel emulated by XLA, off TPU: the CPU tests run it).
+- `cpu`: sc_jax's C++ kernel for XLA's CPU backend, fp32, with segment ids
+  (`sc_jax.cpu_attention`, built on first use).
 - `auto`: `attention_path` - cudnn on NVIDIA GPUs where `cudnn_unsupported` finds
   nothing against it (else chunked), splash on TPU where the length fits its blocks (else
-  chunked), chunked with `CPU_AUTO_CHUNK`-query blocks on the CPU (the fastest exact path
-  bench/attention.py measured there).
+  chunked); on the CPU the `cpu` kernel where `cpu_attention.unsupported` finds nothing
+  against it (fp32 self-attention, the kernel built, the sequence not sharded), else
+  chunked with `CPU_AUTO_CHUNK`-query blocks (bench/attention.py measured both).
 
-The fused paths (cudnn, splash) read who-attends-to-whom from `segment_ids` alone: they
+The fused paths (cudnn, splash, cpu) read who-attends-to-whom from `segment_ids` alone: they
 assume the self-attention causal mask of `AttentionMask.causal(segment_ids)`, which is
 what the model passes; they zero the output at padding and cut padding off from the
 gradients. `cached_attention` is one new token against the decode cache.
@@ -31,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sc_jax import cpu_attention
 from sc_jax.config import ConfigError, ModelConfig
 
 NEG_INF = -1e30  # finite, so a fully masked (padding) row stays finite instead of NaN
@@ -58,6 +62,8 @@ def attend(cfg: ModelConfig, q, k, v, mask: "AttentionMask", segment_ids=None):
         return cudnn_attention(q, k, v, segment_ids, cfg.max_segments)
     if path == "splash":
         return splash_attention(q, k, v, segment_ids, interpret=jax.default_backend() != "tpu")
+    if path == "cpu":
+        return cpu_kernel_attention(q, k, v, segment_ids)
     if path == "chunked":
         cpu_auto = cfg.attention == "auto" and jax.default_backend() == "cpu"
         return chunked_attention(q, k, v, mask, CPU_AUTO_CHUNK if cpu_auto else ATTENTION_CHUNK)
@@ -84,6 +90,12 @@ def attention_path(cfg: ModelConfig, seq_len: int, kv_len: int | None = None, dt
                               "very slowly): use model.attention=cudnn, chunked or auto")
         splash_block(seq_len), splash_block(kv_len)  # ConfigError naming the fix if they don't fit
         return "splash"
+    if choice == "cpu":
+        why = cpu_attention.unsupported(dtype, seq_len, kv_len)
+        if why:
+            raise ConfigError(f"model.attention=cpu cannot run here: {why}; use model.attention=chunked "
+                              "(or auto, which picks the CPU kernel wherever it can run)")
+        return "cpu"
     if choice != "auto":
         return choice
     if backend == "tpu":
@@ -94,7 +106,9 @@ def attention_path(cfg: ModelConfig, seq_len: int, kv_len: int | None = None, dt
         return "chunked" if _sequence_sharded(seq_len) else "splash"
     if use_cudnn(cfg, dtype, packed):
         return "cudnn"
-    return "chunked"  # GPUs without cuDNN's fused attention; the CPU (CPU_AUTO_CHUNK blocks there)
+    if backend == "cpu" and not _sequence_sharded(seq_len) and cpu_attention.unsupported(dtype, seq_len, kv_len) is None:
+        return "cpu"
+    return "chunked"  # GPUs without cuDNN's fused attention; the CPU without its kernel (CPU_AUTO_CHUNK blocks)
 
 
 class AttentionMask(NamedTuple):
@@ -276,6 +290,20 @@ def segment_offsets(segment_ids, max_segments: int):
     return jnp.where(lengths > 0, lengths, -1), jnp.pad(starts, ((0, 0), (0, 1)), constant_values=-1)
 
 
+# ----------------------------------------------------------------------------- the CPU kernel
+
+
+def cpu_kernel_attention(q, k, v, segment_ids=None):
+    """`cpu_attention.attention` (fp32, causal, segment ids; 0 at padding, no gradient there).
+    Under a multi-device `sharding.activation_rules` mesh it runs in a shard_map, batch and
+    heads as the rules place them (XLA would otherwise gather every input onto each device
+    for a custom call it cannot partition); a sharded sequence is refused."""
+    def local(q, k, v, seg):
+        return cpu_attention.attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), seg)
+
+    return _over_mesh(local, q, k, v, segment_ids, "cpu").astype(q.dtype)
+
+
 # ----------------------------------------------------------------------------- splash (TPU)
 
 
@@ -364,7 +392,7 @@ def _sequence_sharded(seq_len: int) -> bool:
     return sharding.logical_to_spec(("act_batch", "act_seq"), rules, mesh, (mesh.size, seq_len))[1] is not None
 
 
-def _over_mesh(local, q, k, v, segment_ids):
+def _over_mesh(local, q, k, v, segment_ids, path: str = "splash"):
     """local(q, k, v, segment_ids) per device in a shard_map over the active
     `sharding.activation_rules` mesh (batch and heads sharded as the logical rules say),
     or directly without one."""
@@ -378,7 +406,7 @@ def _over_mesh(local, q, k, v, segment_ids):
     q_spec = sharding.logical_to_spec(("act_batch", "act_seq", "act_heads", None), rules, mesh, q.shape)
     kv_spec = sharding.logical_to_spec(("act_batch", "act_seq", "act_kv_heads", None), rules, mesh, k.shape)
     if q_spec[1] is not None or kv_spec[1] is not None:
-        raise ConfigError("model.attention=splash cannot run with the sequence sharded (mesh.sequence > 1): "
+        raise ConfigError(f"model.attention={path} cannot run with the sequence sharded (mesh.sequence > 1): "
                           "each device's kernel needs every key. Set mesh.sequence=1 or model.attention=chunked")
     if kv_spec[2] != q_spec[2] or kv_spec[0] != q_spec[0]:
         # kv heads sharded unlike query heads (e.g. K not divisible by the tensor axis): give

@@ -396,7 +396,7 @@ class ModelConfig:
 
 # Fastest and most memory first (MaxText's names); dots and dots_no_batch are JAX's own policies.
 REMAT_POLICIES = ("none", "minimal", "save_dot_except_mlp", "save_qkv_proj", "full", "dots", "dots_no_batch")
-ATTENTION_PATHS = ("auto", "reference", "chunked", "cudnn", "splash")
+ATTENTION_PATHS = ("auto", "reference", "chunked", "cudnn", "splash", "cpu")
 
 MODEL_PRESETS: dict[str, dict] = {
     "stable-code-3b": dict(rope_theta=1_000_000.0, max_position_embeddings=16384),

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import native_kernels
 from sc_jax import attention as A
+from sc_jax import cpu_attention
 from sc_jax import sharding
 from sc_jax.config import ConfigError, ModelConfig
 
@@ -114,6 +116,7 @@ def cpu_paths(mask, seg, H, K):
         "chunked": (lambda q, k, v: A.chunked_attention(q, k, v, mask, chunk=128), False),
         "xla": (lambda q, k, v: A.xla_attention(q, k, v, mask), False),
         "auto": (lambda q, k, v: A.attend(model_cfg("auto", H, K), q, k, v, mask, seg), False),
+        "cpu": (lambda q, k, v: A.attend(model_cfg("cpu", H, K), q, k, v, mask, seg), True),
     }
     if H == K:
         paths["splash"] = (lambda q, k, v: A.splash_attention(q, k, v, seg, interpret=True), True)
@@ -127,9 +130,10 @@ def cpu_paths(mask, seg, H, K):
 
 @pytest.mark.parametrize("kv_heads", [K, H], ids=["gqa", "mha"])
 def test_cpu_paths_equal_reference_values_and_grads(kv_heads):
-    """Packed rows with padding, fp32. The loss weighs real tokens only, as the model's does;
+    """The CPU kernel (`cpu`) among them. Packed rows with padding, fp32. The loss weighs real tokens only, as the model's does;
     a path that promises zero output and gradients at padding (splash, like cudnn) gets a
     loss over every position instead, and must still match and be exactly zero there."""
+    native_kernels.require(cpu_attention.LIBRARY)
     q, k, v, w = qkvw(K=kv_heads)
     seg = segments()
     real = np.asarray(seg > 0)[..., None, None]  # [B,T,1,1]
@@ -144,6 +148,49 @@ def test_cpu_paths_equal_reference_values_and_grads(kv_heads):
         for g, r, what in zip(grads, ref_grads, "qkv"):
             np.testing.assert_allclose(g, r, rtol=1e-4, atol=2e-5, err_msg=f"{name} d{what}")
             assert not np.any(np.asarray(g) * (1 - real)), f"{name}: d{what} at padding"
+
+
+def test_cpu_kernel_rows_of_one_segment_a_returning_id_and_a_padding_block():
+    """The CPU kernel without segment ids is the causal reference; a row whose id comes back
+    after another (not one run: the kernel then looks at every earlier key) and a block of 64
+    queries that is all padding still get the reference's values and gradients."""
+    native_kernels.require(cpu_attention.LIBRARY)
+    q, k, v, w = qkvw()
+    seg = np.ones((B, T), np.int32)
+    seg[0, 100:200], seg[0, 300:] = 2, 1  # id 1, then 2, then 1 again
+    seg[1, 256:] = 0  # queries 256..383: two whole blocks of padding
+    cases = {"no segment ids": (None, np.ones((B, T), np.int32)), "returning id, padding blocks": (seg, seg)}
+    for name, (given, dense) in cases.items():
+        real = (dense > 0)[..., None, None]
+        mask = A.AttentionMask.causal(jnp.asarray(dense))
+        ref_out, ref_grads = value_and_grads(lambda q, k, v: A.reference_attention(q, k, v, mask), q, k, v, w * real)
+        given = None if given is None else jnp.asarray(given)
+        out, grads = value_and_grads(lambda q, k, v: cpu_attention.attention(q, k, v, given), q, k, v, w)
+        np.testing.assert_allclose(np.asarray(out) * real, np.asarray(ref_out) * real, rtol=2e-5, atol=2e-5,
+                                   err_msg=name)
+        assert not np.any(np.asarray(out) * (1 - real)), name
+        for g, r, what in zip(grads, ref_grads, "qkv"):
+            np.testing.assert_allclose(g, r, rtol=1e-4, atol=2e-5, err_msg=f"{name} d{what}")
+
+
+def test_cpu_kernel_in_shard_map_over_the_activation_mesh():
+    """Under a multi-device mesh `attend` runs the kernel per device (shard_map: batch over
+    data, heads over tensor, GQA's 2 kv heads alike) rather than XLA gathering q, k, v onto
+    every device for a custom call it cannot partition; the reference's values and gradients."""
+    native_kernels.require(cpu_attention.LIBRARY)
+    q, k, v, w = qkvw()
+    seg = segments()
+    real = np.asarray(seg > 0)[..., None, None]
+    mask = A.AttentionMask.causal(seg)
+    f = lambda q, k, v: A.attend(model_cfg("cpu"), q, k, v, mask, seg)  # noqa: E731
+    ref_out, ref_grads = value_and_grads(lambda q, k, v: A.reference_attention(q, k, v, mask), q, k, v, w * real)
+    mesh = sharding.build_mesh(sharding.MeshConfig(data=2, fsdp=1, tensor=2, num_devices=4))
+    with sharding.activation_rules(mesh, sharding.rules_for(None)):
+        out, grads = value_and_grads(f, q, k, v, w)
+        hlo = jax.jit(f).lower(q, k, v).as_text()
+    assert cpu_attention.FORWARD in hlo and "sdy.manual_computation" in hlo, "the kernel did not run per device"
+    np.testing.assert_allclose(out, np.asarray(ref_out) * real, rtol=2e-5, atol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), grads, ref_grads)
 
 
 def test_splash_forward_without_segment_ids_and_with_a_fully_masked_row():
@@ -192,7 +239,16 @@ def test_splash_refuses_a_sharded_sequence():
 
 
 def test_auto_and_explicit_path_choice():
-    assert A.attention_path(model_cfg("auto"), T) == "chunked"  # this CPU: the measured choice
+    native_kernels.require(cpu_attention.LIBRARY)
+    assert A.attention_path(model_cfg("auto"), T) == "cpu"  # this CPU: the kernel, built (AVX-512)
+    assert A.attention_path(model_cfg("auto", dtype="bfloat16"), T) == "chunked"  # the kernel is fp32
+    assert A.attention_path(model_cfg("auto"), T, T + 1) == "chunked"  # not self-attention
+    with cpu_attention.switched(False):
+        assert A.attention_path(model_cfg("auto"), T) == "chunked"
+        with pytest.raises(ConfigError, match="cpu cannot run here: it is switched off.*model.attention=chunked"):
+            A.attention_path(model_cfg("cpu"), T)
+    with pytest.raises(ConfigError, match="cpu cannot run here: it computes in fp32"):
+        A.attention_path(model_cfg("cpu", dtype="bfloat16"), T)
     assert A.attention_path(model_cfg("chunked"), T) == "chunked"
     assert A.attention_path(model_cfg("splash"), T) == "splash"
     assert not A.use_cudnn(model_cfg("auto", dtype="bfloat16"))  # no GPU here

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import native_kernels
 from sc_jax import int8_kernel
 from sc_jax import model as M
 
@@ -21,11 +22,7 @@ SHAPES = [(1, 7, 5), (3, 33, 70), (5, 64, 128), (9, 96, 131), (1, 512, 50304)]
 
 @pytest.fixture(scope="module")
 def kernel():
-    if not int8_kernel.available():
-        why = int8_kernel._state.get("why")
-        if os.environ.get("CI") and why != int8_kernel.NO_AVX512:
-            pytest.fail(f"the int8 kernel did not build: {why}")  # .ci/run installs g++: a defect, not a skip
-        pytest.skip(f"the int8 kernel is not available: {why}")
+    native_kernels.require(int8_kernel.LIBRARY)
     return int8_kernel
 
 

@@ -99,7 +99,7 @@ def _kernels(cfg: ModelConfig, weights: str | None = None):
     """(jitted prefill, jitted decode) for a config and weight format, shared by every
     generator of them so that reloading a model reuses the compiled code. Whether int8
     products take `int8_kernel` is part of the key, and holds whenever the two trace."""
-    use_kernel = weights == "int8" and int8_kernel.enabled
+    use_kernel = weights == "int8" and int8_kernel.enabled()
     key = repr((dataclasses.astuple(cfg), weights, use_kernel))
     if key not in _KERNELS:
         graphdef = nnx.graphdef(M.abstract_decode_model(cfg, weights))
