@@ -17,17 +17,13 @@
 // block is over its whole key range at once, so it is exact, with no online rescaling.
 // Each output is summed by one thread in a fixed order: results do not depend on threads.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <functional>
-#include <memory>
-#include <mutex>
 #include <unordered_set>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX512F__)
@@ -113,39 +109,6 @@ inline __m512 Exp(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 #endif
-
-// Runs fn(0..n-1) on the caller and XLA's intra-op pool, tasks taken from one counter; the
-// caller then waits only for tasks already taken, so it never waits on one not started.
-struct ParallelFor {
-  std::function<void(int64_t)> fn;
-  int64_t n = 0;
-  std::atomic<int64_t> next{0}, done{0};
-  std::mutex mutex;
-  std::condition_variable finished;
-
-  bool Drain() {  // true if this call finished the last task
-    int64_t ran = 0;
-    for (int64_t i; (i = next.fetch_add(1)) < n; ++ran) fn(i);
-    return ran > 0 && done.fetch_add(ran) + ran == n;
-  }
-
-  static void Run(ffi::ThreadPool& pool, int64_t n, std::function<void(int64_t)> fn) {
-    auto work = std::make_shared<ParallelFor>();
-    work->fn = std::move(fn);
-    work->n = n;
-    for (int64_t t = 0; t < std::min<int64_t>(pool.num_threads(), n - 1); ++t)
-      pool.Schedule([work] {
-        if (work->Drain()) {
-          std::lock_guard<std::mutex> lock(work->mutex);
-          work->finished.notify_all();
-        }
-      });
-    if (!work->Drain()) {
-      std::unique_lock<std::mutex> lock(work->mutex);
-      work->finished.wait(lock, [&] { return work->done.load() == work->n; });
-    }
-  }
-};
 
 struct Shape {
   int64_t B, T, H, K, D;

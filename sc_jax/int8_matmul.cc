@@ -10,16 +10,12 @@
 // dot to fp32 rounding, not bit for bit; they do not depend on the threads.
 //
 // Work is split into ranges of output rows ("claims") that the caller and XLA's intra-op
-// thread pool take from one counter; the caller then waits only for claims already taken,
-// so it never waits on a task the pool has not started.
+// thread pool take from one counter (parallel_for.h).
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX512F__)
@@ -99,22 +95,6 @@ void Outputs(const Problem& p, int64_t n0, int64_t n1) {
   Plain(p, n0, n1 - n0);
 }
 
-struct Work {
-  Problem problem;
-  int64_t claims, per_claim;  // how many claims, and outputs per claim
-  std::atomic<int64_t> next{0}, done{0};
-  std::mutex mutex;
-  std::condition_variable finished;
-
-  // Runs claims until none is left; true if this call finished the last one.
-  bool Drain() {
-    int64_t ran = 0;
-    for (int64_t i; (i = next.fetch_add(1)) < claims; ++ran)
-      Outputs(problem, i * per_claim, std::min((i + 1) * per_claim, problem.n));
-    return ran > 0 && done.fetch_add(ran) + ran == claims;
-  }
-};
-
 ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> q,
                       ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), qd = q.dimensions();
@@ -127,25 +107,13 @@ ffi::Error Int8Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
     std::memset(y->typed_data(), 0, sizeof(float) * m * n);
     return ffi::Error::Success();
   }
-  auto work = std::make_shared<Work>();
-  work->problem = {x.typed_data(), q.typed_data(), scale.typed_data(), y->typed_data(), m, k, n};
+  const Problem problem{x.typed_data(), q.typed_data(), scale.typed_data(), y->typed_data(), m, k, n};
   // A claim: whole blocks, >= kClaimBytes of q, but at least 4 claims per thread where q allows.
   const int64_t threads = pool.num_threads() + 1, blocks = (n + kRows - 1) / kRows;
-  const int64_t per_claim = std::max<int64_t>(1, std::min(kClaimBytes / (kRows * k) + 1, blocks / (4 * threads)));
-  work->per_claim = per_claim * kRows;
-  work->claims = (n + work->per_claim - 1) / work->per_claim;
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->claims - 1);
-  for (int64_t t = 0; t < helpers; ++t)
-    pool.Schedule([work] {
-      if (work->Drain()) {
-        std::lock_guard<std::mutex> lock(work->mutex);
-        work->finished.notify_all();
-      }
-    });
-  if (!work->Drain()) {
-    std::unique_lock<std::mutex> lock(work->mutex);
-    work->finished.wait(lock, [&] { return work->done.load() == work->claims; });
-  }
+  const int64_t per_claim = kRows * std::max<int64_t>(1, std::min(kClaimBytes / (kRows * k) + 1, blocks / (4 * threads)));
+  ParallelFor::Run(pool, (n + per_claim - 1) / per_claim, [&](int64_t i) {
+    Outputs(problem, i * per_claim, std::min((i + 1) * per_claim, n));
+  });
   return ffi::Error::Success();
 }
 

@@ -26,6 +26,7 @@ from sc_jax.fileio import atomic_file
 
 BUILD_TIMEOUT_S = 300
 HERE = os.path.dirname(os.path.abspath(__file__))
+HEADERS = (os.path.join(HERE, "parallel_for.h"),)
 
 
 def _compiler() -> list[str] | None:
@@ -54,9 +55,12 @@ def build(source: str) -> str:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (install g++, or set CXX)")
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir()]
-    with open(source, "rb") as f:
-        key = hashlib.sha256(f.read() + repr((cxx, flags, jax.__version__, _cpu_fingerprint())).encode()).hexdigest()[:16]
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-I", HERE, "-I", jax.ffi.include_dir()]
+    text = b""
+    for path in (source, *HEADERS):  # the kernels' shared header is part of every build
+        with open(path, "rb") as f:
+            text += f.read()
+    key = hashlib.sha256(text + repr((cxx, flags, jax.__version__, _cpu_fingerprint())).encode()).hexdigest()[:16]
     stem = os.path.splitext(os.path.basename(source))[0]
     path = os.path.join(_cache_dir(), f"{stem}-{key}.so")
     if not os.path.exists(path):
