@@ -92,7 +92,7 @@ void Gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const fl
 }
 
 // exp of 16 lanes: 2^n * e^r with r in [-ln2/2, ln2/2], a degree-6 polynomial (Cephes' expf
-// coefficients, ~1 ulp); inputs far below the fp32 range give 0.
+// coefficients, ~1 ulp); inputs are clamped at -87 (e^-87 ~ 1.6e-38; masked keys are zeroed apart).
 inline __m512 Exp(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -167,7 +167,10 @@ void Probabilities(float* s, int64_t lds, int64_t rows, int64_t n, int64_t i0, i
     } else {
       __m512 mx = _mm512_set1_ps(-INFINITY);
       for (int64_t j = 0; j < seen; j += 16)
-        mx = _mm512_mask_max_ps(mx, Lanes(std::min<int64_t>(16, seen - j)), mx, _mm512_loadu_ps(row + j));
+        {
+        const __mmask16 m = Lanes(std::min<int64_t>(16, seen - j));
+        mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, row + j));
+      }
       shift = _mm512_reduce_max_ps(mx) * scale;
     }
     __m512 sum = _mm512_setzero_ps();

@@ -55,7 +55,7 @@ def build(source: str) -> str:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (install g++, or set CXX)")
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-I", HERE, "-I", jax.ffi.include_dir()]
+    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-I", jax.ffi.include_dir()]
     text = b""
     for path in (source, *HEADERS):  # the kernels' shared header is part of every build
         with open(path, "rb") as f:
@@ -66,7 +66,7 @@ def build(source: str) -> str:
     if not os.path.exists(path):
         with atomic_file(path, force=True) as tmp:
             try:
-                done = subprocess.run([*cxx, *flags, source, "-o", tmp], capture_output=True, text=True,
+                done = subprocess.run([*cxx, *flags, "-I", HERE, source, "-o", tmp], capture_output=True, text=True,
                                       timeout=BUILD_TIMEOUT_S)
             except subprocess.TimeoutExpired:
                 raise RuntimeError(f"{' '.join(cxx)} did not finish in {BUILD_TIMEOUT_S} s") from None

@@ -68,7 +68,7 @@ def test_project_calls_the_kernel_and_agrees_with_xla(kernel):
         fresh = jax.jit(lambda *a: int8_projection(*a))  # a new function: jit's trace cache would keep the kernel
         assert kernel.TARGET not in fresh.lower(x, q, scale).as_text()
         xla = fresh(x, q, scale)
-    assert kernel.enabled
+    assert kernel.enabled()
     assert got.shape == (2, 3, 8, 10)
     np.testing.assert_allclose(np.asarray(got).reshape(6, 80), want, rtol=0, atol=2e-6 * np.abs(want).max())
     np.testing.assert_allclose(np.asarray(got), np.asarray(xla), rtol=0, atol=2e-6 * np.abs(want).max())

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sc_jax import int8_kernel
+from sc_jax import cpu_attention, int8_kernel
 from sc_jax import model as M
 from sc_jax.attention import ATTENTION_CHUNK
 from sc_jax.config import DTYPES, ConfigError, ModelConfig
@@ -98,16 +98,18 @@ _KERNELS: dict[str, tuple] = {}
 def _kernels(cfg: ModelConfig, weights: str | None = None):
     """(jitted prefill, jitted decode) for a config and weight format, shared by every
     generator of them so that reloading a model reuses the compiled code. Whether int8
-    products take `int8_kernel` is part of the key, and holds whenever the two trace."""
+    products take `int8_kernel`, and whether attention may take `cpu_attention`, are part of
+    the key, and hold whenever the two trace."""
     use_kernel = weights == "int8" and int8_kernel.enabled()
-    key = repr((dataclasses.astuple(cfg), weights, use_kernel))
+    use_attention = cpu_attention.LIBRARY.enabled
+    key = repr((dataclasses.astuple(cfg), weights, use_kernel, use_attention))
     if key not in _KERNELS:
         graphdef = nnx.graphdef(M.abstract_decode_model(cfg, weights))
 
-        def keyed(fn):  # fn traces with the int8 kernel switched as the key says, whenever it traces
+        def keyed(fn):  # fn traces with the kernels switched as the key says, whenever it traces
             @functools.wraps(fn)
             def traced(*args, **kwargs):
-                with int8_kernel.switched(use_kernel):
+                with int8_kernel.switched(use_kernel), cpu_attention.switched(use_attention):
                     return fn(*args, **kwargs)
             return traced
 
