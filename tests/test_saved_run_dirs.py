@@ -29,11 +29,29 @@ def test_the_run_directory_was_saved_by_a_named_commit_mid_run():
     assert sorted(losses(saved), key=int) == [str(s) for s in range(1, SAVED["saved_at"] + 1)]
 
 
-def test_a_run_directory_saved_by_an_earlier_commit_resumes_to_its_losses(tmp_path, capsys):
+def resume(tmp_path, capsys, overrides=()) -> dict[str, float]:
     run_dir = tmp_path / "run"
     shutil.copytree(os.path.join(FIXTURES, "synthetic"), run_dir)
-    summary = run(load_config(None, SAVED["overrides"] + [f"train.run_dir={run_dir}"]))
+    summary = run(load_config(None, SAVED["overrides"] + [f"train.run_dir={run_dir}", *overrides]))
     out = capsys.readouterr().out
     assert f"resumed from step {SAVED['saved_at']}" in out and "warning" not in out
     assert summary["step"] == len(SAVED["losses"]) and summary["trained"]
-    assert losses(run_dir) == SAVED["losses"]  # exact, every step: the saved ones and the resumed ones
+    return losses(run_dir)
+
+
+def test_a_run_directory_saved_by_an_earlier_commit_resumes_to_its_losses(tmp_path, capsys):
+    """On the attention path that commit's `auto` took on the CPU (chunked; model.attention
+    is resume-safe): exact, every step, the saved ones and the resumed ones."""
+    assert resume(tmp_path, capsys, ["model.attention=chunked"]) == SAVED["losses"]
+
+
+def test_it_resumes_on_the_cpu_attention_kernel_within_fp32_rounding(tmp_path, capsys):
+    """`auto` now takes the CPU attention kernel, which sums in another order: the saved
+    steps are as saved, the resumed ones within fp32 rounding of that commit's."""
+    got = resume(tmp_path, capsys)
+    assert got.keys() == SAVED["losses"].keys()
+    for step, loss in SAVED["losses"].items():
+        if int(step) <= SAVED["saved_at"]:
+            assert got[step] == loss, step
+        else:
+            assert abs(got[step] - loss) <= 1e-5 * abs(loss), (step, got[step], loss)
